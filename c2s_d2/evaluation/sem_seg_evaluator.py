@@ -1,0 +1,314 @@
+"""Zero-shot semantic-segmentation evaluation: mIoU over seen, unseen and all classes, and hIoU.
+
+One evaluator serves every split of a dataset registered with
+:func:`c2s_d2.data.zero_shot.register_zero_shot_sem_seg`: the registered metadata is the single
+source of truth for class names and for which dataset ids are seen or unseen.
+
+Averaging policy (the zero-shot peers averaged NaN IoUs into their means; we do not):
+
+* a class with no ground-truth pixel is left out of every mean and gets no ``IoU-<name>`` key;
+* a group (seen or unseen) with no ground-truth pixel at all reports ``float("nan")`` as its
+  mean, and ``hIoU`` is then NaN too (a harmonic mean of a missing group is undefined);
+* otherwise ``hIoU = 2 * S * U / (S + U)``, and 0 when ``S + U == 0``.
+
+In the saved metrics JSON, NaN is written as ``null`` so that the file stays strict JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from PIL import Image
+from tabulate import tabulate
+
+from c2s_d2.data.zero_shot import IGNORE_LABEL
+
+logger = logging.getLogger(__name__)
+
+
+def class_iou_and_accuracy(conf: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-class IoU and accuracy (fractions) from a confusion matrix.
+
+    Args:
+        conf: (C, C) pixel counts, rows = ground truth, columns = prediction.
+
+    Returns:
+        iou: (C,) float64, TP / (TP + FP + FN); NaN where the class has no ground-truth pixel.
+        acc: (C,) float64, TP / (TP + FN); NaN where the class has no ground-truth pixel.
+        present: (C,) bool, whether the class has at least one ground-truth pixel.
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    tp = np.diag(conf)
+    gt = conf.sum(axis=1)
+    pred = conf.sum(axis=0)
+    present = gt > 0
+    iou = np.full(conf.shape[0], np.nan)
+    acc = np.full(conf.shape[0], np.nan)
+    # Only present classes are divided: their denominators are > 0, so no warnings and no NaN leak.
+    iou[present] = tp[present] / (gt[present] + pred[present] - tp[present])
+    acc[present] = tp[present] / gt[present]
+    return iou, acc, present
+
+
+def _group_mean(values: np.ndarray, present: np.ndarray, ids: Sequence[int]) -> float:
+    """Mean of ``values`` over the ``ids`` that are present; NaN when none is."""
+    keep = [i for i in ids if present[i]]
+    return float(np.mean(values[keep])) if keep else float("nan")
+
+
+def compute_zero_shot_metrics(
+    conf: np.ndarray,
+    class_names: Sequence[str],
+    seen_ids: Sequence[int],
+    unseen_ids: Sequence[int],
+) -> Dict[str, float]:
+    """Zero-shot segmentation metrics, in percent, from a confusion matrix.
+
+    Args:
+        conf: (C, C) non-negative pixel counts, rows = ground truth, columns = prediction.
+        class_names: C names; per-class keys are ``"IoU-<name>"``.
+        seen_ids, unseen_ids: disjoint dataset ids in ``0..C-1``. Classes in neither group count
+            in ``mIoU`` only.
+
+    Returns:
+        ``mIoU``, ``mIoU-seen``, ``mIoU-unseen``, ``hIoU``, ``pAcc``, ``fwIoU``, ``mACC`` and
+        ``IoU-<name>`` for every class with ground-truth pixels. See the module docstring for
+        absent classes and empty groups (NaN).
+    """
+    conf = np.asarray(conf)
+    if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
+        raise ValueError(f"confusion matrix must be (C, C), got shape {conf.shape}")
+    num_classes = conf.shape[0]
+    if len(class_names) != num_classes:
+        raise ValueError(f"{len(class_names)} class names for a {num_classes}-class matrix")
+    if (conf < 0).any():
+        raise ValueError("confusion matrix has negative counts")
+    seen = [int(i) for i in seen_ids]
+    unseen = [int(i) for i in unseen_ids]
+    bad = [i for i in seen + unseen if not 0 <= i < num_classes]
+    if bad:
+        raise ValueError(f"seen/unseen ids {bad} outside 0..{num_classes - 1}")
+    both = sorted(set(seen) & set(unseen))
+    if both:
+        raise ValueError(f"ids {both} are both seen and unseen")
+
+    iou, acc, present = class_iou_and_accuracy(conf)
+    gt_pixels = conf.sum(axis=1).astype(np.float64)
+    total = float(gt_pixels.sum())
+    all_ids = list(range(num_classes))
+
+    miou_seen = _group_mean(iou, present, seen)
+    miou_unseen = _group_mean(iou, present, unseen)
+    if math.isnan(miou_seen) or math.isnan(miou_unseen):
+        hiou = float("nan")
+    elif miou_seen + miou_unseen == 0:
+        hiou = 0.0
+    else:
+        hiou = 2 * miou_seen * miou_unseen / (miou_seen + miou_unseen)
+
+    if total > 0:
+        pacc = float(np.trace(conf)) / total
+        fwiou = float(np.sum(gt_pixels[present] / total * iou[present]))
+    else:
+        pacc = fwiou = float("nan")
+
+    metrics: Dict[str, float] = OrderedDict()
+    metrics["mIoU"] = 100 * _group_mean(iou, present, all_ids)
+    metrics["mIoU-seen"] = 100 * miou_seen
+    metrics["mIoU-unseen"] = 100 * miou_unseen
+    metrics["hIoU"] = 100 * hiou
+    metrics["pAcc"] = 100 * pacc
+    metrics["fwIoU"] = 100 * fwiou
+    metrics["mACC"] = 100 * _group_mean(acc, present, all_ids)
+    for i in all_ids:
+        if present[i]:
+            metrics[f"IoU-{class_names[i]}"] = 100 * float(iou[i])
+    return metrics
+
+
+def _atomic_write(path: str, write_fn, mode: str) -> None:
+    """Write through a temporary file in the same folder, then rename: no half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp_", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, mode) as f:
+            write_fn(f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+class C2SSemSegEvaluator(DatasetEvaluator):
+    """Confusion-matrix evaluator for zero-shot semantic segmentation (evaluator_type
+    ``"c2s_sem_seg"``).
+
+    ``process`` reads each image's ground-truth PNG (dataset ids, 255 = ignore) and compares it
+    with the argmax of ``outputs[i]["sem_seg"]``, a (C, H, W) score tensor at the ground-truth
+    resolution. ``evaluate`` sums the (C, C) confusion matrices over processes and returns
+    ``{"sem_seg": compute_zero_shot_metrics(...)}`` on the main process, ``{}`` elsewhere.
+    """
+
+    def __init__(
+        self, dataset_name: str, distributed: bool = True, output_dir: Optional[str] = None
+    ) -> None:
+        """
+        Args:
+            dataset_name: a registered evaluation set; its metadata gives ``stuff_classes``,
+                ``seen_class_ids``, ``unseen_class_ids`` and ``ignore_label``.
+            distributed: sum the confusion matrices of all processes before computing metrics.
+            output_dir: if set, ``sem_seg_confusion.npy`` and ``sem_seg_metrics.json`` are
+                written there by the main process.
+        """
+        meta = MetadataCatalog.get(dataset_name)
+        if not hasattr(meta, "stuff_classes"):
+            raise KeyError(f"dataset '{dataset_name}' has no 'stuff_classes' in its metadata")
+        self._dataset_name = dataset_name
+        self._class_names: List[str] = list(meta.stuff_classes)
+        self._num_classes = len(self._class_names)
+        # A dataset registered without a split is scored as all-seen (unseen mean is NaN).
+        self._seen_ids = list(meta.get("seen_class_ids", range(self._num_classes)))
+        self._unseen_ids = list(meta.get("unseen_class_ids", []))
+        self._ignore_label = int(meta.get("ignore_label", IGNORE_LABEL))
+        self._distributed = distributed
+        self._output_dir = output_dir
+        self._gt_file_of: Optional[Dict[str, str]] = None
+        self.reset()
+
+    def reset(self) -> None:
+        self._conf = np.zeros((self._num_classes, self._num_classes), dtype=np.int64)
+
+    def _gt_file(self, inp: Dict) -> str:
+        """The label PNG of one input: its own key if the mapper kept it, else the catalog's."""
+        if "sem_seg_file_name" in inp:
+            return inp["sem_seg_file_name"]
+        if "file_name" not in inp:
+            raise KeyError("evaluator input has neither 'file_name' nor 'sem_seg_file_name'")
+        if self._gt_file_of is None:
+            # Built lazily: loading the records may touch the disk.
+            self._gt_file_of = {
+                r["file_name"]: r["sem_seg_file_name"]
+                for r in DatasetCatalog.get(self._dataset_name)
+            }
+        try:
+            return self._gt_file_of[inp["file_name"]]
+        except KeyError:
+            raise KeyError(
+                f"image {inp['file_name']} is not in dataset '{self._dataset_name}'"
+            ) from None
+
+    def _read_gt(self, path: str) -> np.ndarray:
+        """(H, W) int64 ground truth in dataset ids; refuses ids outside 0..C-1 and 255."""
+        with PathManager.open(path, "rb") as f:
+            gt = np.asarray(Image.open(f))
+        if gt.ndim != 2:
+            raise ValueError(f"{path}: ground truth must be a single-channel PNG, got {gt.shape}")
+        gt = gt.astype(np.int64)
+        bad = (gt < 0) | ((gt >= self._num_classes) & (gt != self._ignore_label))
+        if bad.any():
+            ids = sorted(np.unique(gt[bad]).tolist())
+            raise ValueError(
+                f"{path}: ground-truth ids {ids} outside 0..{self._num_classes - 1} "
+                f"(or {self._ignore_label} = ignore)"
+            )
+        return gt
+
+    def process(self, inputs: List[Dict], outputs: List[Dict]) -> None:
+        """Add one batch to the confusion matrix.
+
+        Args:
+            inputs: dicts with ``file_name`` (and optionally ``sem_seg_file_name``).
+            outputs: dicts with ``sem_seg``, a (C, H, W) score tensor.
+        """
+        for inp, out in zip(inputs, outputs):
+            gt_path = self._gt_file(inp)
+            scores = out["sem_seg"]
+            if scores.ndim != 3 or scores.shape[0] != self._num_classes:
+                raise ValueError(
+                    f"{gt_path}: prediction must be ({self._num_classes}, H, W) scores, "
+                    f"got {tuple(scores.shape)}"
+                )
+            pred = scores.argmax(dim=0).to(device="cpu", dtype=torch.int64).numpy()
+            gt = self._read_gt(gt_path)
+            if pred.shape != gt.shape:
+                raise ValueError(
+                    f"{gt_path}: prediction size {pred.shape} differs from ground truth {gt.shape}"
+                )
+            scored = gt != self._ignore_label
+            # Row-major index gt * C + pred counts each (gt, pred) pair in one bincount.
+            idx = gt[scored] * self._num_classes + pred[scored]
+            self._conf += np.bincount(idx, minlength=self._num_classes**2).reshape(
+                self._num_classes, self._num_classes
+            )
+
+    def evaluate(self) -> Dict:
+        """Return ``{"sem_seg": metrics}`` on the main process (``{}`` on the others)."""
+        conf = self._conf
+        if self._distributed:
+            comm.synchronize()
+            gathered = comm.all_gather(self._conf)
+            if not comm.is_main_process():
+                return {}
+            conf = np.sum(gathered, axis=0, dtype=np.int64)
+
+        metrics = compute_zero_shot_metrics(
+            conf, self._class_names, self._seen_ids, self._unseen_ids
+        )
+        self._log_table(conf, metrics)
+        if self._output_dir:
+            self._save(conf, metrics)
+        return OrderedDict({"sem_seg": metrics})
+
+    def _save(self, conf: np.ndarray, metrics: Dict[str, float]) -> None:
+        PathManager.mkdirs(self._output_dir)
+        _atomic_write(
+            os.path.join(self._output_dir, "sem_seg_confusion.npy"),
+            lambda f: np.save(f, conf),
+            "wb",
+        )
+        # NaN -> null: strict JSON readers reject NaN.
+        clean = {k: (None if math.isnan(v) else v) for k, v in metrics.items()}
+        _atomic_write(
+            os.path.join(self._output_dir, "sem_seg_metrics.json"),
+            lambda f: json.dump(clean, f, indent=2),
+            "w",
+        )
+
+    def _log_table(self, conf: np.ndarray, metrics: Dict[str, float]) -> None:
+        """Log per-class IoU / accuracy with a seen/unseen column, then the summary line."""
+        iou, acc, present = class_iou_and_accuracy(conf)
+        seen, unseen = set(self._seen_ids), set(self._unseen_ids)
+        rows = []
+        for i, name in enumerate(self._class_names):
+            group = "seen" if i in seen else ("unseen" if i in unseen else "-")
+            if present[i]:
+                rows.append([i, name, group, f"{100 * iou[i]:.2f}", f"{100 * acc[i]:.2f}"])
+            else:
+                rows.append([i, name, group, "no GT", "no GT"])
+        table = tabulate(
+            rows,
+            headers=["id", "class", "split", "IoU", "Acc"],
+            tablefmt="pipe",
+            disable_numparse=True,
+        )
+        summary_keys = ["mIoU", "mIoU-seen", "mIoU-unseen", "hIoU", "pAcc", "fwIoU", "mACC"]
+        summary = tabulate(
+            [[f"{metrics[k]:.2f}" for k in summary_keys]],
+            headers=summary_keys,
+            tablefmt="pipe",
+            disable_numparse=True,
+        )
+        logger.info("Semantic segmentation on %s:\n%s\n%s", self._dataset_name, table, summary)

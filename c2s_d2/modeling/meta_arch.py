@@ -1,0 +1,285 @@
+"""The student: a mask-classification segmentor with a text-embedding classifier.
+
+Registered as ``C2SSegmentor`` in detectron2's ``META_ARCH_REGISTRY``. The class bank (text
+embeddings of the class names) is read from the registered metadata: the training set's seen
+classes in training mode, the evaluated dataset's classes (or any vocabulary given to
+:meth:`C2SSegmentor.set_vocabulary`) in eval mode.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from detectron2.config import configurable
+from detectron2.data import MetadataCatalog
+from detectron2.modeling import META_ARCH_REGISTRY, Backbone, build_backbone
+from detectron2.modeling.postprocessing import sem_seg_postprocess
+from detectron2.structures import ImageList
+from torch import nn
+
+from .clip.text_encoder import text_embeddings_from_cfg
+from .criterion import SetCriterion
+from .matcher import HungarianMatcher
+from .pixel_decoder import build_pixel_decoder
+from .query_decoder import build_query_decoder
+from .text_classifier import TextEmbeddingClassifier
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["C2SSegmentor", "check_inductive_split", "class_text_names"]
+
+
+def class_text_names(dataset_name: str) -> List[List[str]]:
+    """Per class, the names given to the text encoder, from the registered metadata."""
+    meta = MetadataCatalog.get(dataset_name)
+    if not meta.get("stuff_classes", None):
+        raise KeyError(
+            f"dataset {dataset_name!r} has no 'stuff_classes' in its metadata "
+            "(is it registered? see c2s_d2/data/datasets/)"
+        )
+    return [list(t) for t in meta.get("text_names", [[c] for c in meta.stuff_classes])]
+
+
+def _norm(name: str) -> str:
+    return " ".join(name.lower().replace("-", " ").replace("_", " ").split())
+
+
+def check_inductive_split(train_names: Sequence[str], test_names: Sequence[str]) -> None:
+    """Zero-shot integrity: no unseen class name of an evaluation set may be a training class.
+
+    Raises ``ValueError`` naming the offending dataset and class.
+    """
+    unseen: Dict[str, str] = {}
+    for name in test_names:
+        meta = MetadataCatalog.get(name)
+        ids = meta.get("unseen_class_ids", [])
+        texts = meta.get("text_names", None) or [[c] for c in meta.get("stuff_classes", [])]
+        for i in ids:
+            for t in [meta.stuff_classes[i], *texts[i]]:
+                unseen[_norm(t)] = f"{name}:{meta.stuff_classes[i]}"
+    for name in train_names:
+        meta = MetadataCatalog.get(name)
+        if meta.get("zero_shot_split", "train") != "train":
+            raise ValueError(
+                f"zero-shot integrity: DATASETS.TRAIN has {name!r}, an evaluation split with "
+                "all classes; train on the matching '_train' dataset"
+            )
+        for texts in class_text_names(name):
+            for t in texts:
+                if _norm(t) in unseen:
+                    raise ValueError(
+                        f"zero-shot integrity: training class name {t!r} of {name!r} is the unseen "
+                        f"class {unseen[_norm(t)]}"
+                    )
+
+
+@META_ARCH_REGISTRY.register()
+class C2SSegmentor(nn.Module):
+    """MaskFormer-style student with N object queries, optional CLS queries and a text classifier."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        backbone: Backbone,
+        pixel_decoder: nn.Module,
+        query_decoder: nn.Module,
+        classifier: TextEmbeddingClassifier,
+        criterion: SetCriterion,
+        encode_names: Callable[[List[List[str]]], torch.Tensor],
+        train_class_names: List[List[str]],
+        test_class_names: Optional[List[List[str]]],
+        pixel_mean: Sequence[float],
+        pixel_std: Sequence[float],
+        size_divisibility: int,
+        distiller: Optional[nn.Module] = None,
+    ):
+        """
+        Args:
+            backbone, pixel_decoder, query_decoder, classifier: the student's parts.
+            criterion: segmentation loss (matching + CE + BCE + Dice).
+            encode_names: maps per-class synonym lists to normalised text embeddings [K, d].
+            train_class_names: text names of the training (seen) classes.
+            test_class_names: text names of the default evaluation classes (None: the train ones).
+            pixel_mean, pixel_std: input normalisation.
+            size_divisibility: pad inputs to a multiple of this.
+            distiller: optional C2S distillation module (training only, see c2s_d2.modeling.c2s).
+        """
+        super().__init__()
+        self.backbone = backbone
+        self.pixel_decoder = pixel_decoder
+        self.query_decoder = query_decoder
+        self.classifier = classifier
+        self.criterion = criterion
+        self.distiller = distiller
+        self.encode_names = encode_names
+        self.size_divisibility = size_divisibility
+        self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
+        self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        # class banks are not weights: they change with the dataset and are never checkpointed
+        self.register_buffer("train_bank", encode_names(train_class_names), False)
+        self.train_class_names = train_class_names
+        self.set_vocabulary(test_class_names or train_class_names)
+
+    @classmethod
+    def from_config(cls, cfg) -> Dict:
+        c = cfg.MODEL.C2S
+        if not cfg.DATASETS.TRAIN:
+            raise KeyError("DATASETS.TRAIN is empty: the seen classes come from the training set")
+        check_inductive_split(cfg.DATASETS.TRAIN, cfg.DATASETS.TEST)
+        train_names = class_text_names(cfg.DATASETS.TRAIN[0])
+        test_names = class_text_names(cfg.DATASETS.TEST[0]) if cfg.DATASETS.TEST else None
+        clip_cfg = cfg.clone()
+
+        def encode_names(names: List[List[str]]) -> torch.Tensor:
+            return text_embeddings_from_cfg(clip_cfg, names)
+
+        backbone = build_backbone(cfg)
+        pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
+        query_decoder = build_query_decoder(
+            cfg, c.PIXEL_DECODER.CONV_DIM, c.PIXEL_DECODER.MASK_DIM
+        )
+        embed_dim = int(encode_names([train_names[0]]).shape[-1])
+        classifier = TextEmbeddingClassifier(
+            c.HIDDEN_DIM, embed_dim, c.CLASSIFIER.LOGIT_SCALE, c.CLASSIFIER.LEARNABLE_LOGIT_SCALE
+        )
+        matcher = HungarianMatcher(
+            cost_class=c.CLASS_WEIGHT,
+            cost_mask=c.MASK_WEIGHT,
+            cost_dice=c.DICE_WEIGHT,
+            num_points=c.TRAIN_NUM_POINTS,
+        )
+        weight_dict = {"loss_ce": c.CLASS_WEIGHT, "loss_mask": c.MASK_WEIGHT, "loss_dice": c.DICE_WEIGHT}
+        criterion = SetCriterion(
+            matcher,
+            weight_dict,
+            no_object_weight=c.NO_OBJECT_WEIGHT,
+            num_points=c.TRAIN_NUM_POINTS,
+            oversample_ratio=c.OVERSAMPLE_RATIO,
+            importance_sample_ratio=c.IMPORTANCE_SAMPLE_RATIO,
+        )
+        return {
+            "backbone": backbone,
+            "pixel_decoder": pixel_decoder,
+            "query_decoder": query_decoder,
+            "classifier": classifier,
+            "criterion": criterion,
+            "encode_names": encode_names,
+            "train_class_names": train_names,
+            "test_class_names": test_names,
+            "pixel_mean": cfg.MODEL.PIXEL_MEAN,
+            "pixel_std": cfg.MODEL.PIXEL_STD,
+            "size_divisibility": c.SIZE_DIVISIBILITY,
+        }
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixel_mean.device
+
+    # ------------------------------------------------------------------ vocabulary
+    def set_vocabulary(self, class_names: Sequence) -> None:
+        """Set the evaluation classes: a list of names or of synonym lists."""
+        names = [[n] if isinstance(n, str) else list(n) for n in class_names]
+        if len(names) == 0:
+            raise ValueError("empty vocabulary: give at least one class name")
+        flat = [n.strip() for syn in names for n in syn]
+        if any(not n for n in flat):
+            raise ValueError(f"empty class name in vocabulary {names}")
+        firsts = [syn[0].strip().lower() for syn in names]
+        dups = sorted({n for n in firsts if firsts.count(n) > 1})
+        if dups:
+            raise ValueError(f"duplicate class names in vocabulary: {dups}")
+        bank = self.encode_names(names)
+        self.test_class_names = names
+        if hasattr(self, "test_bank"):
+            self.test_bank = bank.to(self.device)
+        else:
+            self.register_buffer("test_bank", bank, False)
+
+    def set_vocabulary_from_dataset(self, dataset_name: str) -> None:
+        self.set_vocabulary(class_text_names(dataset_name))
+
+    # ------------------------------------------------------------------ forward
+    def _features(self, images: torch.Tensor, num_global: int) -> Dict[str, torch.Tensor]:
+        features = self.backbone(images)
+        mask_features, multi_scale = self.pixel_decoder(features)
+        return self.query_decoder(multi_scale, mask_features, num_global)
+
+    def _classify(self, outputs: Dict, bank: torch.Tensor) -> None:
+        for out in [outputs, *outputs.get("aux_outputs", [])]:
+            out["class_embeds"] = self.classifier.embed(out["query_embeds"])
+            out["pred_logits"] = self.classifier(out["class_embeds"], bank)
+
+    def preprocess(self, batched_inputs: List[Dict]) -> ImageList:
+        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        return ImageList.from_tensors(images, self.size_divisibility)
+
+    def forward(self, batched_inputs: List[Dict]):
+        images = self.preprocess(batched_inputs)
+        if self.training:
+            return self._training_losses(batched_inputs, images)
+        return self.inference(batched_inputs, images)
+
+    def _training_losses(self, batched_inputs: List[Dict], images: ImageList) -> Dict[str, torch.Tensor]:
+        num_global = self.query_decoder.num_global_queries if self.distiller is not None else 0
+        outputs = self._features(images.tensor, num_global)
+        targets = self.prepare_targets(batched_inputs, images)
+        bank = self.train_bank
+        num_classes = bank.shape[0]
+        for t in targets:
+            if t["labels"].numel() and int(t["labels"].max()) >= num_classes:
+                # Only training ids of seen classes may reach the model (inductive guard).
+                raise ValueError(
+                    f"training target id {int(t['labels'].max())} >= number of seen classes "
+                    f"{num_classes}: labels were not mapped through the training set's label_lut"
+                )
+        if self.distiller is not None:
+            return self.distiller(self, images, outputs, targets, batched_inputs)
+        self._classify(outputs, bank)
+        losses = self.criterion(outputs, targets)
+        return self.criterion.weight_losses(losses)
+
+    def prepare_targets(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        h, w = images.tensor.shape[-2:]
+        targets = []
+        for x in batched_inputs:
+            inst = x["instances"].to(self.device)
+            masks = inst.gt_masks
+            padded = masks.new_zeros((masks.shape[0], h, w))
+            padded[:, : masks.shape[1], : masks.shape[2]] = masks
+            targets.append({"labels": inst.gt_classes, "masks": padded})
+        return targets
+
+    @torch.no_grad()
+    def inference(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        outputs = self._features(images.tensor, 0)
+        self._classify(outputs, self.test_bank)
+        results = []
+        for i, x in enumerate(batched_inputs):
+            masks = F.interpolate(
+                outputs["pred_masks"][i : i + 1],
+                size=images.tensor.shape[-2:],
+                mode="bilinear",
+                align_corners=False,
+            )[0]
+            h = x.get("height", images.image_sizes[i][0])
+            w = x.get("width", images.image_sizes[i][1])
+            masks = sem_seg_postprocess(masks, images.image_sizes[i], h, w)
+            results.append({"sem_seg": semantic_inference(outputs["pred_logits"][i], masks)})
+        return results
+
+
+def semantic_inference(logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
+    """MaskFormer semantic inference.
+
+    Args:
+        logits: [Q, K + 1] class logits (last = no object).
+        mask_logits: [Q, H, W].
+    Returns:
+        [K, H, W] scores: sum over queries of softmax(logits)[:, :K] x sigmoid(mask).
+    """
+    probs = F.softmax(logits, dim=-1)[:, :-1]
+    return torch.einsum("qk,qhw->khw", probs, mask_logits.sigmoid())
