@@ -1,9 +1,9 @@
 #!/usr/bin/env python
 """Train and evaluate c2s-d2 models with Detectron2.
 
-    python train_net.py --config-file configs/miniworld/zs_baseline_R18.yaml MODEL.DEVICE cpu
-    python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
-    python train_net.py --config-file <cfg> --num-gpus 8
+python train_net.py --config-file configs/miniworld/zs_baseline_R18.yaml MODEL.DEVICE cpu
+python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
+python train_net.py --config-file <cfg> --num-gpus 8
 """
 
 import logging
@@ -24,7 +24,7 @@ from c2s_d2 import add_c2s_config
 from c2s_d2.data import C2SSemanticDatasetMapper
 from c2s_d2.evaluation import C2SSemSegEvaluator, format_headline
 from c2s_d2.solver import build_c2s_lr_scheduler, build_c2s_optimizer
-from c2s_d2.utils.errors import USER_ERRORS, one_line_error
+from c2s_d2.utils.errors import is_user_error, one_line_error
 
 
 class Trainer(DefaultTrainer):
@@ -98,7 +98,9 @@ def run(args) -> None:
             dist_url=args.dist_url,
             args=(args,),
         )
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not is_user_error(e, scripts=(__file__,)):
+            raise
         logging.getLogger("c2s_d2").debug("fatal", exc_info=True)
         sys.exit(f"train_net.py: error: {one_line_error(e)}")
 

@@ -31,7 +31,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from c2s_d2 import add_c2s_config  # noqa: E402
 from c2s_d2.modeling.meta_arch import class_text_names  # noqa: E402
-from c2s_d2.utils.errors import USER_ERRORS, one_line_error  # noqa: E402
+from c2s_d2.utils.errors import is_user_error, one_line_error  # noqa: E402
 
 
 def parse_vocabulary(text: str) -> List[str]:
@@ -94,7 +94,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--output", required=True, help="output folder (created if missing)")
     p.add_argument("--vocabulary", default=None, help='comma-separated names, e.g. "cat,dog,grass"')
     p.add_argument("--dataset", default=None, help="use this registered dataset's classes")
-    p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE")
+    p.add_argument(
+        "--opts", nargs=argparse.REMAINDER, default=[], help="config overrides KEY VALUE"
+    )
     args = p.parse_args(argv)
     setup_logger(name="c2s_d2")
     try:
@@ -116,11 +118,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             sem_seg = scores.argmax(0).cpu().numpy()
             rgb = image if fmt == "RGB" else image[:, :, ::-1]
             out = overlay(rgb, sem_seg, labels)
-            out_path = os.path.join(args.output, os.path.splitext(os.path.basename(path))[0] + ".png")
+            out_path = os.path.join(
+                args.output, os.path.splitext(os.path.basename(path))[0] + ".png"
+            )
             Image.fromarray(out).save(out_path)
             present = [labels[i] for i in np.unique(sem_seg)]
             print(f"{path} -> {out_path}: {', '.join(present)}")
-    except USER_ERRORS as e:
+    except Exception as e:
+        if not is_user_error(e, scripts=(__file__,)):
+            raise
         print(f"demo.py: error: {one_line_error(e)}", file=sys.stderr)
         return 2
     return 0

@@ -21,8 +21,7 @@ from detectron2.structures import ImageList
 from torch import nn
 
 from .clip.text_encoder import text_embeddings_from_cfg
-from .criterion import SetCriterion
-from .matcher import HungarianMatcher
+from .criterion import SetCriterion, build_set_criterion
 from .pixel_decoder import build_pixel_decoder
 from .query_decoder import build_query_decoder
 from .text_classifier import TextEmbeddingClassifier
@@ -139,28 +138,12 @@ class C2SSegmentor(nn.Module):
 
         backbone = build_backbone(cfg)
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
-        query_decoder = build_query_decoder(
-            cfg, c.PIXEL_DECODER.CONV_DIM, c.PIXEL_DECODER.MASK_DIM
-        )
+        query_decoder = build_query_decoder(cfg, c.PIXEL_DECODER.CONV_DIM, c.PIXEL_DECODER.MASK_DIM)
         embed_dim = int(encode_names([train_names[0]]).shape[-1])
         classifier = TextEmbeddingClassifier(
             c.HIDDEN_DIM, embed_dim, c.CLASSIFIER.LOGIT_SCALE, c.CLASSIFIER.LEARNABLE_LOGIT_SCALE
         )
-        matcher = HungarianMatcher(
-            cost_class=c.CLASS_WEIGHT,
-            cost_mask=c.MASK_WEIGHT,
-            cost_dice=c.DICE_WEIGHT,
-            num_points=c.TRAIN_NUM_POINTS,
-        )
-        weight_dict = {"loss_ce": c.CLASS_WEIGHT, "loss_mask": c.MASK_WEIGHT, "loss_dice": c.DICE_WEIGHT}
-        criterion = SetCriterion(
-            matcher,
-            weight_dict,
-            no_object_weight=c.NO_OBJECT_WEIGHT,
-            num_points=c.TRAIN_NUM_POINTS,
-            oversample_ratio=c.OVERSAMPLE_RATIO,
-            importance_sample_ratio=c.IMPORTANCE_SAMPLE_RATIO,
-        )
+        criterion = build_set_criterion(cfg)
         return {
             "backbone": backbone,
             "pixel_decoder": pixel_decoder,
@@ -214,7 +197,10 @@ class C2SSegmentor(nn.Module):
             out["pred_logits"] = self.classifier(out["class_embeds"], bank)
 
     def preprocess(self, batched_inputs: List[Dict]) -> ImageList:
-        images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
+        images = [
+            (x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std
+            for x in batched_inputs
+        ]
         return ImageList.from_tensors(images, self.size_divisibility)
 
     def forward(self, batched_inputs: List[Dict]):
@@ -223,7 +209,9 @@ class C2SSegmentor(nn.Module):
             return self._training_losses(batched_inputs, images)
         return self.inference(batched_inputs, images)
 
-    def _training_losses(self, batched_inputs: List[Dict], images: ImageList) -> Dict[str, torch.Tensor]:
+    def _training_losses(
+        self, batched_inputs: List[Dict], images: ImageList
+    ) -> Dict[str, torch.Tensor]:
         num_global = self.query_decoder.num_global_queries if self.distiller is not None else 0
         outputs = self._features(images.tensor, num_global)
         targets = self.prepare_targets(batched_inputs, images)
