@@ -36,7 +36,9 @@ def optimizer_param_groups(cfg, model: nn.Module) -> List[Dict[str, Any]]:
             lr, wd = s.BASE_LR, s.WEIGHT_DECAY
             if module_name.startswith("backbone"):
                 lr = lr * s.BACKBONE_MULTIPLIER
-            is_norm = isinstance(module, _NORMS) or type(module).__name__.startswith("FrozenBatchNorm")
+            is_norm = isinstance(module, _NORMS) or type(module).__name__.startswith(
+                "FrozenBatchNorm"
+            )
             if is_norm:
                 wd = s.WEIGHT_DECAY_NORM
             # learnable embeddings (queries, level, no-object, logit scale) are not decayed

@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from detectron2.config import get_cfg  # noqa: E402
 from detectron2.data import MetadataCatalog  # noqa: E402
+from detectron2.data.catalog import Metadata  # noqa: E402
 from detectron2.data.detection_utils import read_image  # noqa: E402
 from detectron2.engine import DefaultPredictor  # noqa: E402
 from detectron2.utils.logger import setup_logger  # noqa: E402
@@ -79,10 +80,7 @@ def build_predictor(
 
 def overlay(image_rgb: np.ndarray, sem_seg: np.ndarray, labels: List[str]) -> np.ndarray:
     """RGB overlay of the class map ``sem_seg`` [H, W] with class names drawn on it."""
-    # metadata is write-once: use a fresh entry for each vocabulary
-    MetadataCatalog.remove("__c2s_demo_vocabulary__")
-    meta = MetadataCatalog.get("__c2s_demo_vocabulary__")
-    meta.set(stuff_classes=list(labels))
+    meta = Metadata(name="vocabulary", stuff_classes=list(labels))
     vis = Visualizer(image_rgb, meta, instance_mode=ColorMode.IMAGE)
     return vis.draw_sem_seg(sem_seg, alpha=0.5).get_image()
 

@@ -84,7 +84,9 @@ class C2SSemanticDatasetMapper:
     def from_config(cls, cfg, is_train: bool = True) -> Dict:
         augs = [
             T.ResizeShortestEdge(
-                cfg.INPUT.MIN_SIZE_TRAIN, cfg.INPUT.MAX_SIZE_TRAIN, cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING
+                cfg.INPUT.MIN_SIZE_TRAIN,
+                cfg.INPUT.MAX_SIZE_TRAIN,
+                cfg.INPUT.MIN_SIZE_TRAIN_SAMPLING,
             )
         ]
         if cfg.INPUT.CROP.ENABLED:
@@ -177,7 +179,9 @@ def training_label_lut(train_names, setting: str) -> Optional[np.ndarray]:
         meta = MetadataCatalog.get(name)
         lut = meta.get("label_lut", None)
         if lut is None and meta.get("unseen_class_ids", []):
-            raise ValueError(f"training dataset {name} is an evaluation split (it lists unseen ids)")
+            raise ValueError(
+                f"training dataset {name} is an evaluation split (it lists unseen ids)"
+            )
         luts.append(None if lut is None else np.asarray(lut, dtype=np.int16))
         classes.append(tuple(meta.get("stuff_classes", [])))
     if len(set(classes)) > 1:

@@ -99,9 +99,9 @@ class DecoderLayer(nn.Module):
         q = self._block(
             1,
             q,
-            lambda x: self.self_attn(x + q_pos, x + q_pos, x, attn_mask=self_mask, need_weights=False)[
-                0
-            ],
+            lambda x: self.self_attn(
+                x + q_pos, x + q_pos, x, attn_mask=self_mask, need_weights=False
+            )[0],
         )
         return self._block(2, q, self.ffn)
 

@@ -1,0 +1,228 @@
+"""The frozen CLIP teacher: global, dense (MaskCLIP-style) and region embeddings.
+
+The teacher wraps the image tower of an open_clip ViT (``open_clip.transformer.VisionTransformer``).
+One forward gives both outputs:
+
+* global embedding ``g_T``: the usual CLIP image embedding, ``proj(ln_post(CLS))`` after all
+  blocks (or the token average for ``pool_type="avg"`` models);
+* dense embeddings: the tokens entering the last block take its *value path only*, as in
+  MaskCLIP's ViT code: with ``x`` the input of the last block,
+  ``y = x + ls_1(out_proj(W_v ln_1(x) + b_v))`` (the query-key attention is skipped: each token
+  "attends" to itself), ``y = y + ls_2(mlp(ln_2(y)))``, then ``proj(ln_post(y))`` per patch token.
+  This equals running the last block with an attention mask that lets every token see only
+  itself, which is what the tests check.
+
+Positional embeddings are interpolated (bicubic) when the patch grid differs from the
+pretraining grid, so any input size that is a multiple of the patch size works; other sizes are
+resized first. Every output is L2-normalised; everything runs under ``torch.no_grad``.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+from open_clip.model import get_model_preprocess_cfg
+from open_clip.transformer import Attention, VisionTransformer
+from torch import nn
+
+from .loader import build_open_clip
+
+logger = logging.getLogger(__name__)
+
+
+def teacher_input_size(
+    height: int, width: int, patch_size: int, short_side: Optional[int] = None
+) -> Tuple[int, int]:
+    """Size the teacher runs at: short side scaled to ``short_side`` (if given), then each side
+    rounded to the nearest multiple of the patch size (at least one patch)."""
+    if short_side:
+        scale = short_side / min(height, width)
+        height, width = height * scale, width * scale
+    return tuple(max(patch_size, int(round(s / patch_size)) * patch_size) for s in (height, width))
+
+
+def interpolate_positional_embedding(
+    pos_embed: torch.Tensor, old_grid: Tuple[int, int], new_grid: Tuple[int, int]
+) -> torch.Tensor:
+    """[1 + gh*gw, C] class + grid positional embeddings -> [1 + h*w, C] (bicubic on the grid)."""
+    if tuple(old_grid) == tuple(new_grid):
+        return pos_embed
+    cls_pos, grid_pos = pos_embed[:1], pos_embed[1:]
+    grid_pos = grid_pos.reshape(1, old_grid[0], old_grid[1], -1).permute(0, 3, 1, 2)
+    grid_pos = F.interpolate(grid_pos, size=new_grid, mode="bicubic", align_corners=False)
+    return torch.cat([cls_pos, grid_pos.flatten(2)[0].T], dim=0)
+
+
+def _value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The attention branch of ``block`` with query-key attention replaced by identity.
+
+    x: [N, L, C] (batch first) normalised input of the attention -> [N, L, C].
+    """
+    attn = block.attn
+    width = x.shape[-1]
+    if isinstance(attn, nn.MultiheadAttention):  # open_clip's default ResidualAttentionBlock
+        bias = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
+        return attn.out_proj(F.linear(x, attn.in_proj_weight[2 * width :], bias))
+    if isinstance(attn, Attention):  # open_clip's CustomResidualAttentionBlock
+        bias = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
+        v = F.linear(x, attn.in_proj_weight[2 * width :], bias)
+        if attn.head_scale is not None:  # per-head output scale, [H, 1, 1]
+            n, length = v.shape[:2]
+            v = v.reshape(n, length, attn.num_heads, -1) * attn.head_scale.view(1, 1, -1, 1)
+            v = v.reshape(n, length, width)
+        return block.ln_attn(attn.out_proj(attn.ln_inner(v)))
+    raise TypeError(f"MaskCLIP dense features do not support attention {type(attn).__name__}")
+
+
+def _value_path_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """The last block with its attention replaced by the value path (residuals and MLP kept)."""
+    y = x + block.ls_1(_value_path(block, block.ln_1(x)))
+    return y + block.ls_2(block.mlp(block.ln_2(y)))
+
+
+class ClipTeacher(nn.Module):
+    """Frozen CLIP image encoder giving global, dense and region embeddings (never trained).
+
+    Args:
+        clip_model: an open_clip model whose ``.visual`` is a ``VisionTransformer``; only the
+            image tower is kept.
+        input_size: short side the images are resized to (``None``: keep the size, rounded to a
+            multiple of the patch size).
+    """
+
+    def __init__(self, clip_model: nn.Module, input_size: Optional[int] = None) -> None:
+        super().__init__()
+        visual = getattr(clip_model, "visual", clip_model)
+        if not isinstance(visual, VisionTransformer):
+            raise TypeError(
+                f"the CLIP teacher needs a ViT image tower for dense embeddings, got "
+                f"{type(visual).__name__}"
+            )
+        if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
+            raise ValueError("the CLIP teacher supports ViTs pooled by class token or average")
+        if visual.proj is None or not getattr(visual.transformer, "batch_first", True):
+            raise ValueError("the CLIP teacher needs a projected, batch-first ViT image tower")
+        self.visual = visual
+        self.input_size = int(input_size) if input_size else None
+        self.patch_size = int(visual.patch_size[0])
+        if visual.patch_size[0] != visual.patch_size[1]:
+            raise ValueError(f"non-square patches {visual.patch_size} are not supported")
+        self.pretrain_grid = tuple(visual.grid_size)
+        self.embed_dim = int(visual.output_dim)
+        preprocess = get_model_preprocess_cfg(clip_model)
+        mean = torch.tensor(preprocess.get("mean", OPENAI_DATASET_MEAN), dtype=torch.float32)
+        std = torch.tensor(preprocess.get("std", OPENAI_DATASET_STD), dtype=torch.float32)
+        # CLIP statistics are on 0..1 images; ours arrive in 0..255.
+        self.register_buffer("pixel_mean", (mean * 255.0).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("pixel_std", (std * 255.0).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "ClipTeacher":
+        """The teacher stays in eval mode whatever its parent asks."""
+        return super().train(False)
+
+    # ---------------------------------------------------------------------------- preprocessing
+    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+        """[B, 3, H, W] RGB in 0..255 -> [B, 3, H', W'] CLIP-normalised, H', W' multiples of the
+        patch size (see ``teacher_input_size``)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"teacher images must be [B, 3, H, W] RGB, got {tuple(images.shape)}")
+        dtype = self.visual.conv1.weight.dtype
+        x = images.to(dtype)
+        size = teacher_input_size(*x.shape[-2:], self.patch_size, self.input_size)
+        if tuple(x.shape[-2:]) != size:
+            x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
+        return (x - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
+
+    def _global_pool(self, tokens: torch.Tensor) -> torch.Tensor:
+        """[B, 1 + h*w, C] final tokens -> [B, C] pooled and normalised as open_clip does."""
+        v = self.visual
+        if v.pool_type == "tok":
+            return v.ln_post(tokens[:, 0])  # LayerNorm is per token: pool and norm commute
+        if v.final_ln_after_pool:
+            return v.ln_post(tokens[:, 1:].mean(dim=1))
+        return v.ln_post(tokens[:, 1:]).mean(dim=1)
+
+    # ---------------------------------------------------------------------------- embeddings
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] RGB 0..255 -> (global [B, d], dense [B, d, h, w]), unit norm.
+
+        ``h, w`` are the teacher input size divided by the patch size.
+        """
+        v = self.visual
+        x = self.preprocess(images)
+        patches = v.conv1(x)  # [B, C, h, w]
+        b, c, h, w = patches.shape
+        cls_token = v.class_embedding.view(1, 1, c).expand(b, 1, c).to(patches.dtype)
+        tokens = torch.cat([cls_token, patches.flatten(2).transpose(1, 2)], dim=1)
+        pos = interpolate_positional_embedding(v.positional_embedding, self.pretrain_grid, (h, w))
+        tokens = v.ln_pre(tokens + pos.to(tokens.dtype))
+        blocks = v.transformer.resblocks
+        for block in blocks[:-1]:
+            tokens = block(tokens)
+        final = blocks[-1](tokens)
+        dense = _value_path_block(blocks[-1], tokens)[:, 1:]
+
+        global_emb = self._global_pool(final) @ v.proj
+        dense = v.ln_post(dense) @ v.proj  # [B, h*w, d]
+        dense = F.normalize(dense, dim=-1).transpose(1, 2).reshape(b, -1, h, w)
+        return F.normalize(global_emb, dim=-1), dense
+
+    @torch.no_grad()
+    def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] RGB 0..255 -> global CLIP image embeddings [B, d], unit norm."""
+        return self(images)[0]
+
+    @torch.no_grad()
+    def dense_embeddings(self, images: torch.Tensor) -> torch.Tensor:
+        """images [B, 3, H, W] RGB 0..255 -> MaskCLIP dense embeddings [B, d, h, w], unit norm."""
+        return self(images)[1]
+
+    @staticmethod
+    @torch.no_grad()
+    def region_embeddings(dense: torch.Tensor, masks: Sequence[torch.Tensor]) -> List[torch.Tensor]:
+        """Masked averages of dense embeddings, re-normalised.
+
+        Args:
+            dense: [B, d, h, w] dense embeddings.
+            masks: B tensors [R_i, H, W] (bool or 0..1), any H, W: resized to (h, w) by area
+                averaging, so a cell's weight is the fraction of it the region covers.
+
+        Returns:
+            B tensors [R_i, d], unit norm (all zeros for an empty mask).
+        """
+        if len(masks) != dense.shape[0]:
+            raise ValueError(f"{len(masks)} mask sets for a batch of {dense.shape[0]} images")
+        out = []
+        for emb, m in zip(dense, masks):
+            if m.ndim != 3:
+                raise ValueError(f"region masks must be [R, H, W], got {tuple(m.shape)}")
+            if m.shape[0] == 0:
+                out.append(emb.new_zeros(0, emb.shape[0]))
+                continue
+            weights = F.interpolate(m[:, None].to(emb.dtype), size=emb.shape[-2:], mode="area")
+            weights = weights.flatten(1)  # [R, h*w]
+            sums = weights @ emb.flatten(1).T  # [R, d]
+            means = sums / weights.sum(dim=1, keepdim=True).clamp(min=1e-12)
+            out.append(F.normalize(means, dim=-1))
+        return out
+
+
+def build_teacher_from_cfg(cfg) -> ClipTeacher:
+    """The teacher of ``cfg.MODEL.CLIP`` at ``cfg.MODEL.C2S.DISTILL.TEACHER_INPUT_SIZE``."""
+    clip = cfg.MODEL.CLIP
+    model = build_open_clip(
+        clip.MODEL_NAME,
+        clip.PRETRAINED,
+        random_init_seed=clip.RANDOM_INIT_SEED,
+        config_files=tuple(clip.MODEL_CONFIG_FILES),
+    )
+    teacher = ClipTeacher(model, input_size=cfg.MODEL.C2S.DISTILL.TEACHER_INPUT_SIZE)
+    logger.info("CLIP teacher %s, input short side %s", clip.MODEL_NAME, teacher.input_size)
+    return teacher

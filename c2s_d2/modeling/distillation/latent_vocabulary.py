@@ -1,0 +1,222 @@
+"""The latent vocabulary: generic concept names for latent text embeddings (docs/METHOD.md).
+
+Default: torchvision's 1000 ImageNet category names. In the inductive setting every name equal or
+related to an evaluation-unseen class must go before training. A vocabulary name is removed when,
+after normalisation (lower case, punctuation to spaces, each word made singular), for any
+*forbidden term*:
+
+* **words**: the term equals the name or a run of its whole words, spaces ignored (so "tv
+  monitor" == "tvmonitor", and "cat" removes "tiger cat" but not "catamaran");
+* **closed compound**: a word of the name is 3+ letters followed by the term, and the term has
+  4+ letters (English compounds end with their head: "boat" removes "speedboat", "bird" removes
+  "hummingbird"; "eagle" keeps "beagle");
+* **hyponym**: the name equals (normalised) a hyponym listed for the term's entry.
+
+Forbidden terms are the excluded names themselves plus, for every entry of the synonym table
+(``c2s_d2/data/latent_vocabulary_synonyms.json``) whose key or one of whose synonyms equals an
+excluded name, the key and all its synonyms (the entry's hyponyms are removed by exact match).
+Removal errs on the generous side: a few innocent names go too ("lawn mower" for "grass",
+"screwdriver" for "river").
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from functools import lru_cache
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
+
+from detectron2.data import MetadataCatalog
+from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+__all__ = [
+    "SYNONYM_FILE",
+    "build_latent_vocabulary",
+    "default_latent_vocabulary",
+    "filter_vocabulary",
+    "imagenet_category_names",
+    "load_synonym_table",
+    "load_vocabulary_file",
+    "normalize_name",
+    "unseen_names_of_registered_datasets",
+]
+
+logger = logging.getLogger(__name__)
+
+SYNONYM_FILE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+    "data",
+    "latent_vocabulary_synonyms.json",
+)
+_MIN_COMPOUND_HEAD = 4
+_MIN_COMPOUND_MODIFIER = 3
+
+
+def _singular(word: str) -> str:
+    """A crude singular, applied to both sides of every comparison alike."""
+    if len(word) > 3 and word.endswith("ies"):
+        return word[:-3] + "y"
+    if len(word) > 3 and word.endswith(("ches", "shes", "xes", "sses")):
+        return word[:-2]
+    if len(word) > 2 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
+
+
+def normalize_name(name: str) -> Tuple[str, ...]:
+    """Words of a class name: lower case, apostrophes dropped, punctuation split, singular."""
+    text = re.sub(r"['\u2019]", "", name.lower())
+    return tuple(_singular(w) for w in re.split(r"[^0-9a-z]+", text) if w)
+
+
+def _compact(name: str) -> str:
+    return "".join(normalize_name(name))
+
+
+@lru_cache(maxsize=4)
+def _read_synonym_table(path: str) -> Dict[str, Dict[str, Tuple[str, ...]]]:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            raw = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"cannot read the latent-vocabulary synonym table {path}: {e}") from e
+    entries = raw.get("entries") if isinstance(raw, dict) else None
+    if not isinstance(entries, dict):
+        raise ValueError(f"{path}: expected an object with an 'entries' object")
+    table = {}
+    for key, entry in entries.items():
+        if not isinstance(entry, dict) or set(entry) - {"synonyms", "hyponyms"}:
+            raise ValueError(f"{path}: entry {key!r} must hold only 'synonyms' and 'hyponyms'")
+        lists = {k: entry.get(k, []) for k in ("synonyms", "hyponyms")}
+        for k, v in lists.items():
+            if not isinstance(v, list) or not all(isinstance(s, str) and s.strip() for s in v):
+                raise ValueError(f"{path}: entry {key!r}: '{k}' must be a list of names")
+        table[key] = {k: tuple(v) for k, v in lists.items()}
+    return table
+
+
+def load_synonym_table(path: Optional[str] = None) -> Dict[str, Dict[str, Tuple[str, ...]]]:
+    """The synonym table: ``{class name: {"synonyms": (...), "hyponyms": (...)}}``."""
+    return _read_synonym_table(os.path.abspath(path or SYNONYM_FILE))
+
+
+def _forbidden_terms(
+    excluded_names: Iterable[str], table: Dict[str, Dict[str, Tuple[str, ...]]]
+) -> Tuple[Set[str], Tuple[str, ...], Set[str]]:
+    """Compact forbidden terms: matched as words, as compound heads; hyponyms (exact)."""
+    words = {_compact(n) for n in excluded_names} - {""}
+    hyponyms: Set[str] = set()
+    for key, entry in table.items():
+        group = {_compact(key)} | {_compact(s) for s in entry["synonyms"]}
+        if group & words:
+            words |= group
+            hyponyms |= {_compact(h) for h in entry["hyponyms"]}
+    heads = tuple(sorted(t for t in words if len(t) >= _MIN_COMPOUND_HEAD))
+    return words, heads, hyponyms
+
+
+def _is_forbidden(name: str, words: Set[str], heads: Tuple[str, ...], hyponyms: Set[str]) -> bool:
+    parts = normalize_name(name)
+    if "".join(parts) in hyponyms:
+        return True
+    for i in range(len(parts)):
+        for j in range(i + 1, len(parts) + 1):
+            if "".join(parts[i:j]) in words:
+                return True
+    return any(
+        p.endswith(t) and len(p) - len(t) >= _MIN_COMPOUND_MODIFIER for p in parts for t in heads
+    )
+
+
+def filter_vocabulary(
+    names: Sequence[str],
+    excluded_names: Iterable[str],
+    synonym_table: Optional[Dict[str, Dict[str, Tuple[str, ...]]]] = None,
+) -> Tuple[List[str], List[str]]:
+    """Remove every name equal or related to an excluded name (rules of the module docstring).
+
+    Returns:
+        ``(kept, removed)``, both in the input order (duplicates dropped).
+    """
+    excluded = [str(n) for n in excluded_names]
+    table = load_synonym_table() if synonym_table is None else synonym_table
+    words, heads, hyponyms = _forbidden_terms(excluded, table)
+    kept, removed, seen = [], [], set()
+    for name in names:
+        if name in seen:
+            continue
+        seen.add(name)
+        (removed if _is_forbidden(name, words, heads, hyponyms) else kept).append(name)
+    logger.info(
+        "latent vocabulary: removed %d of %d names equal or related to %d excluded (unseen) names",
+        len(removed),
+        len(seen),
+        len(set(excluded)),
+    )
+    return kept, removed
+
+
+def imagenet_category_names() -> List[str]:
+    """torchvision's 1000 ImageNet category names, duplicates dropped, in index order."""
+    return list(dict.fromkeys(_IMAGENET_CATEGORIES))
+
+
+def default_latent_vocabulary(excluded_names: Iterable[str]) -> Tuple[List[str], List[str]]:
+    """ImageNet names minus every name equal or related to ``excluded_names``: (names, removed)."""
+    return filter_vocabulary(imagenet_category_names(), excluded_names)
+
+
+def load_vocabulary_file(path: str) -> List[str]:
+    """Names from a text file: one per line; blank lines and ``#`` comments skipped; deduplicated."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(
+            f"latent vocabulary file not found: {path} (MODEL.C2S.DISTILL.LATENT.VOCABULARY)"
+        )
+    with open(path, "r", encoding="utf-8") as f:
+        lines = [line.strip() for line in f]
+    names = list(dict.fromkeys(s for s in lines if s and not s.startswith("#")))
+    if not names:
+        raise ValueError(f"latent vocabulary file {path} holds no names")
+    return names
+
+
+def build_latent_vocabulary(
+    spec: str, excluded_names: Iterable[str]
+) -> Tuple[List[str], List[str]]:
+    """The vocabulary named by ``MODEL.C2S.DISTILL.LATENT.VOCABULARY``: (names, removed).
+
+    ``"imagenet"``: the default vocabulary; ``""``/``"none"``: empty; otherwise a file path
+    (:func:`load_vocabulary_file`), filtered by the same rules.
+    """
+    spec = str(spec).strip()
+    if spec.lower() in ("", "none"):
+        return [], []
+    if spec.lower() == "imagenet":
+        return default_latent_vocabulary(excluded_names)
+    return filter_vocabulary(load_vocabulary_file(spec), excluded_names)
+
+
+def unseen_names_of_registered_datasets() -> List[str]:
+    """Names (and text synonyms) of the unseen classes of every registered dataset, sorted.
+
+    Reads detectron2's ``MetadataCatalog``: every dataset whose metadata has non-empty
+    ``unseen_class_ids`` and ``stuff_classes`` (the evaluation sets of c2s_d2.data.zero_shot)
+    contributes ``stuff_classes[i]`` and every name of ``text_names[i]`` for its unseen ids.
+    """
+    names: Set[str] = set()
+    for dataset in MetadataCatalog.list():
+        meta = MetadataCatalog.get(dataset)
+        unseen = getattr(meta, "unseen_class_ids", None)
+        classes = getattr(meta, "stuff_classes", None)
+        if not unseen or classes is None:
+            continue
+        text_names = getattr(meta, "text_names", None)
+        for i in unseen:
+            if not 0 <= int(i) < len(classes):
+                raise ValueError(f"dataset {dataset}: unseen class id {i} outside its class list")
+            names.add(str(classes[int(i)]))
+            if text_names is not None:
+                names.update(str(t) for t in text_names[int(i)])
+    return sorted(names)

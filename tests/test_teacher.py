@@ -1,0 +1,196 @@
+"""Tests of the frozen CLIP teacher on the tiny C2S-Tiny ViT (64x64 pretraining size, patch 8)."""
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from detectron2.config import get_cfg
+
+from c2s_d2.config import add_c2s_config
+from c2s_d2.modeling.clip.loader import MODEL_CONFIG_DIR, build_open_clip, register_model_configs
+from c2s_d2.modeling.clip.teacher import (
+    ClipTeacher,
+    build_teacher_from_cfg,
+    interpolate_positional_embedding,
+    teacher_input_size,
+)
+
+TINY = "C2S-Tiny"
+
+
+@pytest.fixture(scope="module")
+def clip_model():
+    return build_open_clip(TINY, "", random_init_seed=0)
+
+
+@pytest.fixture(scope="module")
+def teacher(clip_model):
+    return ClipTeacher(clip_model)
+
+
+def _images(b, h, w, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.rand(b, 3, h, w, generator=g) * 255.0
+
+
+def _clip_normalise(images, clip_model):
+    mean = torch.tensor(clip_model.visual.preprocess_cfg["mean"]).view(1, 3, 1, 1)
+    std = torch.tensor(clip_model.visual.preprocess_cfg["std"]).view(1, 3, 1, 1)
+    return (images / 255.0 - mean) / std
+
+
+@pytest.mark.parametrize("h, w", [(64, 64), (96, 128), (128, 128)])
+def test_dense_shapes_for_several_sizes(teacher, h, w):
+    global_emb, dense = teacher(_images(2, h, w))
+    assert global_emb.shape == (2, 64)
+    assert dense.shape == (2, 64, h // 8, w // 8)
+    assert torch.allclose(dense.norm(dim=1), torch.ones(2, h // 8, w // 8), atol=1e-5)
+    assert torch.allclose(global_emb.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_input_size_rounding_and_short_side():
+    assert teacher_input_size(70, 90, 8) == (72, 88)
+    assert teacher_input_size(96, 128, 8, short_side=64) == (64, 88)  # 85.3 -> 88
+    assert teacher_input_size(3, 5, 8) == (8, 8)
+    teacher = ClipTeacher(build_open_clip(TINY, ""), input_size=64)
+    assert teacher.dense_embeddings(_images(1, 96, 128)).shape == (1, 64, 8, 11)
+    # Sizes that are not multiples of the patch are resized, not refused.
+    dense = ClipTeacher(build_open_clip(TINY, "")).dense_embeddings(_images(1, 70, 90))
+    assert dense.shape[-2:] == (9, 11)
+
+
+def test_global_embedding_equals_open_clip_encode_image(teacher, clip_model):
+    images = _images(3, 64, 64, seed=1)
+    expected = clip_model.encode_image(_clip_normalise(images, clip_model), normalize=True)
+    assert torch.allclose(teacher.image_embedding(images), expected, atol=1e-5)
+
+
+def _self_only_dense(clip_model, images):
+    """Reference dense embeddings: the last block run with each token attending only to itself."""
+    visual = clip_model.visual
+    x = visual.conv1(_clip_normalise(images, clip_model))  # sizes are multiples of 8: no resize
+    b, c, h, w = x.shape
+    tokens = torch.cat([visual.class_embedding.expand(b, 1, c), x.flatten(2).transpose(1, 2)], 1)
+    pos = interpolate_positional_embedding(visual.positional_embedding, (8, 8), (h, w))
+    tokens = visual.ln_pre(tokens + pos)
+    blocks = visual.transformer.resblocks
+    for block in blocks[:-1]:
+        tokens = block(tokens)
+    n = tokens.shape[1]
+    self_only = torch.full((n, n), float("-inf")).fill_diagonal_(0.0)
+    outputs = []
+    for mask in (self_only, None):  # the second is the ordinary block, for contrast
+        out = blocks[-1](tokens, attn_mask=mask)[:, 1:]
+        out = F.normalize(visual.ln_post(out) @ visual.proj, dim=-1)
+        outputs.append(out.transpose(1, 2).reshape(b, -1, h, w))
+    return outputs
+
+
+def test_dense_is_last_block_with_self_only_attention(teacher, clip_model):
+    """MaskCLIP value path == the last block with attention restricted to each token itself."""
+    images = _images(2, 96, 128, seed=2)
+    expected, ordinary = _self_only_dense(clip_model, images)
+    assert torch.allclose(teacher.dense_embeddings(images), expected, atol=1e-5)
+    assert not torch.allclose(ordinary, expected, atol=1e-3)  # the check is not vacuous
+
+
+@pytest.mark.parametrize(
+    "variant, extra",
+    [
+        ("AvgPool", {"pool_type": "avg"}),
+        ("AvgPoolLnAfter", {"pool_type": "avg", "final_ln_after_pool": True}),
+        (
+            "CustomBlock",
+            {
+                "scale_heads": True,
+                "scale_attn_inner": True,
+                "scale_attn": True,
+                "ls_init_value": 0.5,
+            },
+        ),
+    ],
+)
+def test_other_vit_layouts(tmp_path, variant, extra):
+    cfg = json.loads((MODEL_CONFIG_DIR / "C2S-Tiny.json").read_text())
+    cfg["vision_cfg"].update(extra)
+    path = tmp_path / f"C2S-Test-{variant}.json"
+    path.write_text(json.dumps(cfg))
+    (name,) = register_model_configs([str(path)])
+    model = build_open_clip(name, "", random_init_seed=4)
+    for p in model.visual.parameters():  # head scales / layer scales away from their init
+        if p.ndim == 3 or p.shape == (64,):
+            p.data.uniform_(0.5, 1.5)
+    teacher = ClipTeacher(model)
+    images = _images(2, 64, 96, seed=5)
+    expected, _ = _self_only_dense(model, images)
+    assert torch.allclose(teacher.dense_embeddings(images), expected, atol=1e-5)
+    square = _images(2, 64, 64, seed=6)
+    reference = model.encode_image(_clip_normalise(square, model), normalize=True)
+    assert torch.allclose(teacher.image_embedding(square), reference, atol=1e-5)
+
+
+def test_positional_interpolation_is_identity_at_pretraining_grid_and_bicubic_otherwise():
+    pos = torch.randn(1 + 4 * 4, 5)
+    assert interpolate_positional_embedding(pos, (4, 4), (4, 4)) is pos
+    out = interpolate_positional_embedding(pos, (4, 4), (8, 6))
+    assert out.shape == (1 + 48, 5) and torch.equal(out[0], pos[0])
+    # A constant grid stays constant under bicubic interpolation.
+    const = torch.cat([torch.zeros(1, 2), torch.full((16, 2), 3.0)])
+    assert torch.allclose(
+        interpolate_positional_embedding(const, (4, 4), (7, 9))[1:], 3.0 * torch.ones(63, 2)
+    )
+
+
+def test_teacher_is_frozen_and_stays_in_eval(teacher):
+    parent = torch.nn.Sequential(teacher, torch.nn.Linear(2, 2))
+    parent.train()
+    assert parent[1].training and not teacher.training
+    assert not any(m.training for m in teacher.modules())
+    assert all(not p.requires_grad for p in teacher.parameters())
+    images = _images(1, 64, 64).requires_grad_(True)
+    global_emb, dense = teacher(images)
+    assert not global_emb.requires_grad and not dense.requires_grad
+
+
+def test_region_embeddings(teacher):
+    dense = teacher.dense_embeddings(_images(2, 64, 64, seed=3))  # [2, 64, 8, 8]
+    full = torch.ones(1, 64, 64, dtype=torch.bool)
+    left = torch.zeros(1, 64, 64, dtype=torch.bool)
+    left[:, :, :32] = True
+    empty = torch.zeros(1, 64, 64, dtype=torch.bool)
+    regions = teacher.region_embeddings(dense, [torch.cat([full, left, empty]), full[:0]])
+    assert regions[0].shape == (3, 64) and regions[1].shape == (0, 64)
+    assert torch.allclose(regions[0][0], F.normalize(dense[0].mean(dim=(1, 2)), dim=0), atol=1e-6)
+    assert torch.allclose(regions[0][1], F.normalize(dense[0, :, :, :4].mean(dim=(1, 2)), dim=0))
+    assert torch.equal(regions[0][2], torch.zeros(64))
+    with pytest.raises(ValueError, match="1 mask sets for a batch of 2"):
+        teacher.region_embeddings(dense, [full])
+
+
+def test_region_weights_are_area_fractions():
+    # Hand check: a 2x2 grid with embeddings e0..e3; a mask covering all of cell 0 and half
+    # of cell 1 (4x4 mask) weighs them 1 and 0.5: mean = (e0 + 0.5 e1) / 1.5.
+    dense = torch.tensor([[[1.0, 0.0], [0.0, 0.0]], [[0.0, 1.0], [0.0, 0.0]]])[None]  # [1,2,2,2]
+    mask = torch.zeros(1, 4, 4)
+    mask[0, :2, :2] = 1
+    mask[0, :2, 2] = 1
+    (region,) = ClipTeacher.region_embeddings(dense, [mask])
+    assert torch.allclose(region[0], F.normalize(torch.tensor([1.0, 0.5]), dim=0))
+
+
+def test_non_vit_models_are_refused():
+    with pytest.raises(TypeError, match="ViT"):
+        ClipTeacher(torch.nn.Linear(2, 2))
+
+
+def test_build_teacher_from_cfg():
+    cfg = get_cfg()
+    add_c2s_config(cfg)
+    cfg.MODEL.CLIP.MODEL_NAME = TINY
+    cfg.MODEL.CLIP.PRETRAINED = ""
+    cfg.MODEL.CLIP.MODEL_CONFIG_FILES = ["C2S-Tiny.json"]
+    cfg.MODEL.C2S.DISTILL.TEACHER_INPUT_SIZE = 96
+    teacher = build_teacher_from_cfg(cfg)
+    assert teacher.input_size == 96 and teacher.embed_dim == 64
+    assert teacher.dense_embeddings(_images(1, 64, 128)).shape == (1, 64, 12, 24)
