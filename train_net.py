@@ -21,6 +21,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from c2s_d2 import add_c2s_config
+from c2s_d2.config import inference_cfg
 from c2s_d2.data import C2SSemanticDatasetMapper
 from c2s_d2.evaluation import C2SSemSegEvaluator, format_headline
 from c2s_d2.solver import build_c2s_lr_scheduler, build_c2s_optimizer
@@ -78,7 +79,8 @@ def setup(args):
 def main(args):
     cfg = setup(args)
     if args.eval_only:
-        model = Trainer.build_model(cfg)
+        # the student alone: the distillation branch and CLS queries are not even built
+        model = Trainer.build_model(inference_cfg(cfg))
         DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )

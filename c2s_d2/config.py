@@ -110,6 +110,9 @@ def add_c2s_config(cfg: CN) -> None:
     d.PSEUDO_MASK.SPATIAL_WEIGHT = 0.0
     d.PSEUDO_MASK.MIN_AREA = 16  # in teacher-grid cells
     d.PSEUDO_MASK.SEEN_THRESHOLD = 0.9
+    # k >= 2 clusters must reach this mean silhouette to beat one cluster; k-means++ restarts
+    d.PSEUDO_MASK.MIN_SILHOUETTE = 0.25
+    d.PSEUDO_MASK.N_INIT = 3
 
     d.LATENT = CN()
     d.LATENT.ENABLED = False
@@ -124,3 +127,14 @@ def add_c2s_config(cfg: CN) -> None:
 
     # inference-only comparisons: "student" (default), "teacher_dense", "two_stage"
     cfg.MODEL.C2S.INFERENCE_MODE = "student"
+
+
+def inference_cfg(cfg: CN) -> CN:
+    """The config of the model built for inference: training-only parts (the distillation branch
+    and the CLS queries) are not built, so the student costs what the plain student costs."""
+    cfg = cfg.clone()
+    cfg.defrost()
+    cfg.MODEL.C2S.DISTILL.ENABLED = False
+    cfg.MODEL.C2S.NUM_GLOBAL_QUERIES = 0
+    cfg.freeze()
+    return cfg

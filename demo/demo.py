@@ -31,6 +31,7 @@ from detectron2.utils.logger import setup_logger  # noqa: E402
 from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from c2s_d2 import add_c2s_config  # noqa: E402
+from c2s_d2.config import inference_cfg  # noqa: E402
 from c2s_d2.modeling.meta_arch import class_text_names  # noqa: E402
 from c2s_d2.utils.errors import is_user_error, one_line_error  # noqa: E402
 
@@ -67,7 +68,7 @@ def build_predictor(
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     cfg.freeze()
-    predictor = DefaultPredictor(cfg)
+    predictor = DefaultPredictor(inference_cfg(cfg))
     if vocabulary is not None:
         names, labels = vocabulary, vocabulary
     else:

@@ -53,7 +53,8 @@ def test_global_gradients_reach_student_only():
     teacher = torch.tensor([[1.0, 0.0]], requires_grad=True)
     global_distillation_loss(student, teacher).backward()
     assert teacher.grad is None
-    # d/ds (1 - s.t/|s|) at s = (1, 1), t = (1, 0): -(t - (s.t) s / |s|^2) / |s| = (-0.35355, 0.35355)
+    # d/ds (1 - s.t/|s|) at s = (1, 1), t = (1, 0):
+    # -(t - (s.t) s / |s|^2) / |s| = -((1, 0) - (0.5, 0.5)) / 1.41421 = (-0.35355, 0.35355)
     assert torch.allclose(student.grad, torch.tensor([[-0.35355339, 0.35355339]]), atol=1e-6)
 
 

@@ -54,7 +54,10 @@ def env(tmp_path_factory):
 @pytest.fixture(scope="module")
 def trained(env):
     out = os.path.join(env["E2E_ROOT"], "train")
-    run(["train_net.py", "--config-file", CONFIG, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", out, *TINY], env)
+    run(
+        ["train_net.py", "--config-file", CONFIG, "SOLVER.MAX_ITER", "4", "OUTPUT_DIR", out, *TINY],
+        env,
+    )
     return out
 
 
@@ -84,7 +87,12 @@ def test_eval_only_reports_every_metric(trained, env):
 
 
 def test_default_predictor_custom_vocabulary(trained, env, monkeypatch):
-    for k in ("DETECTRON2_DATASETS", "C2S_CACHE", "C2S_MINIWORLD_NUM_TRAIN", "C2S_MINIWORLD_NUM_VAL"):
+    for k in (
+        "DETECTRON2_DATASETS",
+        "C2S_CACHE",
+        "C2S_MINIWORLD_NUM_TRAIN",
+        "C2S_MINIWORLD_NUM_VAL",
+    ):
         monkeypatch.setenv(k, env[k])
     from detectron2.config import get_cfg
     from detectron2.engine import DefaultPredictor
@@ -98,7 +106,11 @@ def test_default_predictor_custom_vocabulary(trained, env, monkeypatch):
     predictor = DefaultPredictor(cfg)
     vocabulary = ["person", "uniform", "flag", "wall"]
     predictor.model.set_vocabulary(vocabulary)
-    photo = np.asarray(Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert("RGB"))
+    photo = np.asarray(
+        Image.open(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)).convert(
+            "RGB"
+        )
+    )
     scores = predictor(photo)["sem_seg"]
     assert tuple(scores.shape) == (len(vocabulary), *photo.shape[:2])
     labels = scores.argmax(0)
@@ -129,12 +141,18 @@ def _last_line(proc):
 def test_bad_input_one_line_errors(trained, env, tmp_path):
     weights = os.path.join(trained, "model_final.pth")
     # unknown config key
-    p = run(["train_net.py", "--config-file", CONFIG, "--eval-only", "MODEL.NOT_A_KEY", "1"], env, False)
+    p = run(
+        ["train_net.py", "--config-file", CONFIG, "--eval-only", "MODEL.NOT_A_KEY", "1"], env, False
+    )
     assert p.returncode != 0 and "MODEL.NOT_A_KEY" in _last_line(p) and "Traceback" not in p.stderr
     # empty vocabulary
     photo = str(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     demo = ["demo/demo.py", "--config-file", CONFIG, "--output", str(tmp_path / "o")]
-    p = run([*demo, "--input", photo, "--vocabulary", " , ", "--opts", "MODEL.WEIGHTS", weights], env, False)
+    p = run(
+        [*demo, "--input", photo, "--vocabulary", " , ", "--opts", "MODEL.WEIGHTS", weights],
+        env,
+        False,
+    )
     assert p.returncode == 2 and "empty class name" in _last_line(p)
     # unreadable image
     bad = tmp_path / "broken.jpg"

@@ -209,7 +209,8 @@ COCO_STUFF_UNSEEN = [
 ]  # fmt: skip
 VOC_UNSEEN = ["pottedplant", "sheep", "sofa", "train", "tvmonitor"]
 CONTEXT_UNSEEN = [
-    "cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tvmonitor", "keyboard", "aeroplane",
+    "cow", "motorbike", "sofa", "cat", "boat", "fence", "bird", "tvmonitor", "keyboard",
+    "aeroplane",
 ]  # fmt: skip
 ALL_UNSEEN = sorted(set(COCO_STUFF_UNSEEN + VOC_UNSEEN + CONTEXT_UNSEEN))
 

@@ -20,11 +20,18 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
+from .c2s_distiller import C2SDistiller
+from .clip.teacher import build_teacher_from_cfg
 from .clip.text_encoder import text_embeddings_from_cfg
 from .criterion import SetCriterion, build_set_criterion
 from .pixel_decoder import build_pixel_decoder
 from .query_decoder import build_query_decoder
 from .text_classifier import TextEmbeddingClassifier
+from .zero_shot_baselines import teacher_dense_scores, two_stage_query_probs
+
+INFERENCE_MODES = ("student", "teacher_dense", "two_stage")
+# parameters that only training builds (CLS queries, distillation heads and memories)
+TRAINING_ONLY_PREFIXES = ("distiller.", "query_decoder.global_feat.", "query_decoder.global_pos.")
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +101,10 @@ class C2SSegmentor(nn.Module):
         pixel_mean: Sequence[float],
         pixel_std: Sequence[float],
         size_divisibility: int,
+        input_format: str = "RGB",
         distiller: Optional[nn.Module] = None,
+        inference_mode: str = "student",
+        teacher_factory: Optional[Callable[[], nn.Module]] = None,
     ):
         """
         Args:
@@ -105,7 +115,10 @@ class C2SSegmentor(nn.Module):
             test_class_names: text names of the default evaluation classes (None: the train ones).
             pixel_mean, pixel_std: input normalisation.
             size_divisibility: pad inputs to a multiple of this.
-            distiller: optional C2S distillation module (training only, see c2s_d2.modeling.c2s).
+            distiller: optional C2S distillation branch (training only, see c2s_distiller.py).
+            inference_mode: "student" (C2S / baseline), or the comparisons that need the teacher
+                at test time: "teacher_dense" (MaskCLIP-style) and "two_stage" (zsseg-style).
+            teacher_factory: builds the CLIP teacher for those comparisons (lazily).
         """
         super().__init__()
         self.backbone = backbone
@@ -114,8 +127,17 @@ class C2SSegmentor(nn.Module):
         self.classifier = classifier
         self.criterion = criterion
         self.distiller = distiller
+        if inference_mode not in INFERENCE_MODES:
+            raise KeyError(
+                f"MODEL.C2S.INFERENCE_MODE: {inference_mode!r} is not one of {INFERENCE_MODES}"
+            )
+        self.inference_mode = inference_mode
+        self.teacher_factory = teacher_factory
+        self.__dict__["_teacher"] = None  # inference comparisons only; never saved
+        self._register_load_state_dict_pre_hook(self._drop_training_only_keys)
         self.encode_names = encode_names
         self.size_divisibility = size_divisibility
+        self.input_format = input_format
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         # class banks are not weights: they change with the dataset and are never checkpointed
@@ -144,6 +166,14 @@ class C2SSegmentor(nn.Module):
             c.HIDDEN_DIM, embed_dim, c.CLASSIFIER.LOGIT_SCALE, c.CLASSIFIER.LEARNABLE_LOGIT_SCALE
         )
         criterion = build_set_criterion(cfg)
+        distiller = None
+        if c.DISTILL.ENABLED:
+            distiller = C2SDistiller(cfg, embed_dim)
+            if distiller.uses_global_queries and c.NUM_GLOBAL_QUERIES < 1:
+                raise KeyError(
+                    "MODEL.C2S.NUM_GLOBAL_QUERIES must be >= 1 when "
+                    "MODEL.C2S.DISTILL.GLOBAL.ENABLED is True"
+                )
         return {
             "backbone": backbone,
             "pixel_decoder": pixel_decoder,
@@ -155,7 +185,11 @@ class C2SSegmentor(nn.Module):
             "test_class_names": test_names,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
+            "input_format": cfg.INPUT.FORMAT,
             "size_divisibility": c.SIZE_DIVISIBILITY,
+            "distiller": distiller,
+            "inference_mode": c.INFERENCE_MODE,
+            "teacher_factory": lambda: build_teacher_from_cfg(clip_cfg),
         }
 
     @property
@@ -212,7 +246,8 @@ class C2SSegmentor(nn.Module):
     def _training_losses(
         self, batched_inputs: List[Dict], images: ImageList
     ) -> Dict[str, torch.Tensor]:
-        num_global = self.query_decoder.num_global_queries if self.distiller is not None else 0
+        uses_cls = self.distiller is not None and self.distiller.uses_global_queries
+        num_global = self.query_decoder.num_global_queries if uses_cls else 0
         outputs = self._features(images.tensor, num_global)
         targets = self.prepare_targets(batched_inputs, images)
         bank = self.train_bank
@@ -241,8 +276,30 @@ class C2SSegmentor(nn.Module):
             targets.append({"labels": inst.gt_classes, "masks": padded})
         return targets
 
+    def _drop_training_only_keys(self, state_dict, prefix, *args, **kwargs) -> None:
+        """A model built for inference loads a C2S training checkpoint without warnings."""
+        own = set(self.state_dict().keys())
+        for key in list(state_dict.keys()):
+            name = key[len(prefix) :]
+            if name.startswith(TRAINING_ONLY_PREFIXES) and name not in own:
+                del state_dict[key]
+
+    def teacher(self) -> nn.Module:
+        if self._teacher is None:
+            if self.teacher_factory is None:
+                raise ValueError(f"INFERENCE_MODE {self.inference_mode!r} needs a CLIP teacher")
+            self.__dict__["_teacher"] = self.teacher_factory()
+        return self._teacher.to(self.device)
+
+    def _rgb(self, images: torch.Tensor) -> torch.Tensor:
+        """Normalised student input -> RGB 0..255 (what the teacher takes)."""
+        x = images * self.pixel_std + self.pixel_mean
+        return x.flip(1) if self.input_format == "BGR" else x
+
     @torch.no_grad()
     def inference(self, batched_inputs: List[Dict], images: ImageList) -> List[Dict]:
+        if self.inference_mode == "teacher_dense":
+            return self._teacher_dense_inference(batched_inputs, images)
         outputs = self._features(images.tensor, 0)
         self._classify(outputs, self.test_bank)
         results = []
@@ -253,10 +310,38 @@ class C2SSegmentor(nn.Module):
                 mode="bilinear",
                 align_corners=False,
             )[0]
+            logits = outputs["pred_logits"][i]
+            if self.inference_mode == "two_stage":
+                logits = self._two_stage_logits(images.tensor[i], masks, logits)
             h = x.get("height", images.image_sizes[i][0])
             w = x.get("width", images.image_sizes[i][1])
             masks = sem_seg_postprocess(masks, images.image_sizes[i], h, w)
-            results.append({"sem_seg": semantic_inference(outputs["pred_logits"][i], masks)})
+            results.append({"sem_seg": semantic_inference(logits, masks)})
+        return results
+
+    def _two_stage_logits(self, image: torch.Tensor, masks: torch.Tensor, logits: torch.Tensor):
+        """Student masks, classes from the teacher; the student's no-object score is kept."""
+        teacher = self.teacher()
+        probs = two_stage_query_probs(
+            teacher, self._rgb(image[None])[0], masks, self.test_bank, teacher.input_size or 224
+        )
+        keep = 1 - logits.softmax(-1)[:, -1:]
+        # log-probabilities: semantic_inference's softmax gives back probs * keep and 1 - keep
+        return torch.cat([probs * keep, 1 - keep], dim=1).clamp_min(1e-12).log()
+
+    def _teacher_dense_inference(self, batched_inputs: List[Dict], images: ImageList):
+        _, dense = self.teacher()(self._rgb(images.tensor))
+        results = []
+        for i, x in enumerate(batched_inputs):
+            scores = teacher_dense_scores(
+                dense[i],
+                self.test_bank,
+                images.tensor.shape[-2:],
+                self.classifier.log_logit_scale.exp(),
+            )
+            h = x.get("height", images.image_sizes[i][0])
+            w = x.get("width", images.image_sizes[i][1])
+            results.append({"sem_seg": sem_seg_postprocess(scores, images.image_sizes[i], h, w)})
         return results
 
 

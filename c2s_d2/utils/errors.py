@@ -8,7 +8,13 @@ import traceback
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Messages of detectron2 / yacs errors caused by the user's input.
-_KNOWN_PREFIXES = ("Non-existent config key", "Non-existent key", "Dataset '", "Invalid type", "Type mismatch")
+_KNOWN_PREFIXES = (
+    "Non-existent config key",
+    "Non-existent key",
+    "Dataset '",
+    "Invalid type",
+    "Type mismatch",
+)
 
 
 def is_user_error(e: BaseException, scripts: tuple = ()) -> bool:

@@ -84,7 +84,8 @@ class LatentClassMemory(nn.Module):
     def __init__(self, num_classes: int, dim: int, momentum: float = 0.99):
         """
         Args:
-            num_classes: number of latent classes ``K_LATENT`` (``MODEL.C2S.DISTILL.LATENT.NUM_CLASSES``).
+            num_classes: number of latent classes ``K_LATENT``
+                (``MODEL.C2S.DISTILL.LATENT.NUM_CLASSES``).
             dim: CLIP embedding size ``d``.
             momentum: EMA momentum ``m`` in ``[0, 1]`` (``MODEL.C2S.DISTILL.LATENT.MOMENTUM``).
         """
@@ -122,7 +123,9 @@ class LatentClassMemory(nn.Module):
         r = self._normalised(regions)
         if r.shape[0] == 0 or not bool(self.filled.any()):
             return torch.full((r.shape[0],), -1, dtype=torch.int64, device=r.device)
-        sims = r @ self.prototypes.t()
+        # Full precision under mixed-precision training: every process must agree exactly.
+        with torch.autocast(device_type=r.device.type, enabled=False):
+            sims = r @ self.prototypes.t()
         sims = sims.masked_fill(~self.filled[None, :], -float("inf"))
         return sims.argmax(dim=1)
 
@@ -159,7 +162,8 @@ class LatentClassMemory(nn.Module):
         # A one-hot matmul instead of index_add_: deterministic on every device.
         onehot = F.one_hot(a, self.num_classes).to(r.dtype).t()
         n = onehot.sum(dim=1)
-        mean = (onehot @ r) / n.clamp_min(1.0)[:, None]
+        with torch.autocast(device_type=r.device.type, enabled=False):
+            mean = (onehot @ r) / n.clamp_min(1.0)[:, None]
         moved = F.normalize(self.momentum * self.prototypes + (1 - self.momentum) * mean, dim=-1)
         hit = n > 0
         self.prototypes.copy_(torch.where(hit[:, None], moved, self.prototypes))

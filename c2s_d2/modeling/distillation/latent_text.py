@@ -82,7 +82,9 @@ def latent_text_embeddings(
         return F.normalize(visual, dim=-1, eps=_EPS)
 
     text = F.normalize(vocab_text.to(p.device, dtype), dim=-1, eps=_EPS)
-    sims = p @ text.t()
+    # Full precision: a softmax at temperature tau is sensitive to rounded similarities.
+    with torch.autocast(device_type=p.device.type, enabled=False):
+        sims = p @ text.t()
     # A stable sort: equal similarities keep vocabulary order, on every device.
     order_sims, order = torch.sort(sims, dim=1, descending=True, stable=True)
     k = min(int(topk), text.shape[0])

@@ -169,7 +169,7 @@ def default_latent_vocabulary(excluded_names: Iterable[str]) -> Tuple[List[str],
 
 
 def load_vocabulary_file(path: str) -> List[str]:
-    """Names from a text file: one per line; blank lines and ``#`` comments skipped; deduplicated."""
+    """Names from a text file: one per line; blank lines and ``#`` comments skipped; no repeats."""
     if not os.path.isfile(path):
         raise FileNotFoundError(
             f"latent vocabulary file not found: {path} (MODEL.C2S.DISTILL.LATENT.VOCABULARY)"

@@ -200,6 +200,37 @@ def _check_pseudo_mask_args(k_max: int, iters: int, min_area: int, spatial_weigh
         raise ValueError(f"PSEUDO_MASK.SPATIAL_WEIGHT must be >= 0, got {spatial_weight}")
 
 
+def _choose_clusters(
+    feats: torch.Tensor,
+    pos: torch.Tensor,
+    valid: torch.Tensor,
+    k_max: int,
+    iters: int,
+    min_area: int,
+    spatial_weight: float,
+    min_silhouette: float,
+    n_init: int,
+    generator: torch.Generator,
+    labels: torch.Tensor,
+) -> torch.Tensor:
+    """Cluster id of every cell ``[B, N]``: the best admissible candidate, else ``labels`` (k=1)."""
+    b, n, _ = feats.shape
+    dev = feats.device
+    # Candidates: every k in 2..k_max, n_init restarts each (all clustered at once).
+    ks = torch.arange(2, k_max + 1, device=dev).repeat_interleave(int(n_init))
+    uniforms = torch.rand((b, ks.numel(), k_max), generator=generator).to(dev)
+    dist, assign, sizes = _kmeans_candidates(
+        feats, pos.to(feats.dtype), valid, ks, iters, float(spatial_weight), uniforms
+    )
+    in_use = torch.arange(k_max, device=dev)[None, :] < ks[:, None]
+    admissible = ((sizes >= min_area) | ~in_use[None]).all(dim=-1)
+    score = _simplified_silhouette(dist, assign, valid)
+    score = torch.where(admissible, score, torch.full_like(score, -float("inf")))
+    best_score, best = score.max(dim=1)
+    chosen = assign.gather(1, best[:, None, None].expand(b, 1, n)).squeeze(1)
+    return torch.where((best_score >= min_silhouette)[:, None], chosen, labels)
+
+
 @torch.no_grad()
 def pseudo_masks_from_ignored_area_batch(
     dense: torch.Tensor,
@@ -260,20 +291,22 @@ def pseudo_masks_from_ignored_area_batch(
 
     # Cluster labels per cell: -1 on labelled cells, else the chosen k's assignment (k=1 -> 0).
     labels = torch.zeros(b, n, dtype=torch.int64, device=dev)
-    if k_max >= 2 and n > 0:
-        # Candidates: every k in 2..k_max, n_init restarts each (all clustered at once).
-        ks = torch.arange(2, k_max + 1, device=dev).repeat_interleave(int(n_init))
-        uniforms = torch.rand((b, ks.numel(), k_max), generator=generator).to(dev)
-        dist, assign, sizes = _kmeans_candidates(
-            feats, pos.to(feats.dtype), valid, ks, iters, float(spatial_weight), uniforms
-        )
-        in_use = torch.arange(k_max, device=dev)[None, :] < ks[:, None]
-        admissible = ((sizes >= min_area) | ~in_use[None]).all(dim=-1)
-        score = _simplified_silhouette(dist, assign, valid)
-        score = torch.where(admissible, score, torch.full_like(score, -float("inf")))
-        best_score, best = score.max(dim=1)
-        chosen = assign.gather(1, best[:, None, None].expand(b, 1, n)).squeeze(1)
-        labels = torch.where((best_score >= min_silhouette)[:, None], chosen, labels)
+    # Mixed-precision training must not turn the clustering into float16.
+    with torch.autocast(device_type=dev.type, enabled=False):
+        if k_max >= 2 and n > 0:
+            labels = _choose_clusters(
+                feats,
+                pos,
+                valid,
+                k_max,
+                iters,
+                min_area,
+                spatial_weight,
+                min_silhouette,
+                n_init,
+                generator,
+                labels,
+            )
     labels = torch.where(valid, labels, torch.full_like(labels, -1))
 
     cluster_masks = labels.view(b, 1, h, w) == torch.arange(k_max, device=dev).view(1, -1, 1, 1)
@@ -358,5 +391,6 @@ def score_regions(
         )
     r = F.normalize(region_embeds.float(), dim=-1, eps=_EPS)
     t = F.normalize(seen_text.float().to(r.device), dim=-1, eps=_EPS)
-    best_seen = (r @ t.t()).max(dim=1).values
+    with torch.autocast(device_type=r.device.type, enabled=False):
+        best_seen = (r @ t.t()).max(dim=1).values
     return best_seen < seen_threshold

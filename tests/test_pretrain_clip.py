@@ -1,0 +1,137 @@
+"""Tests of tools/pretrain_miniworld_clip.py: the loss, the encoders, the data, one tiny run."""
+
+import importlib.util
+import json
+import math
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from c2s_d2.data.miniworld import IGNORE_LABEL, MINIWORLD_CLASSES
+from c2s_d2.modeling.clip.loader import build_open_clip, get_tokenizer
+from c2s_d2.modeling.clip.teacher import ClipTeacher
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_spec = importlib.util.spec_from_file_location(
+    "pretrain_miniworld_clip", os.path.join(ROOT, "tools", "pretrain_miniworld_clip.py")
+)
+pretrain = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pretrain)
+
+
+def test_clip_loss_hand_checked():
+    emb = torch.eye(2)  # image i matches text i with cosine 1, the other with 0
+    scale = torch.tensor(1.0)
+    # distinct groups: CLIP's cross-entropy, -log(e / (e + 1)) in both directions
+    distinct = pretrain.multi_positive_clip_loss(emb, emb, scale, ["a", "b"])
+    assert distinct.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
+    # one group: each row's target is (1/2, 1/2): -(1/2)(log p_match + log p_other)
+    same = pretrain.multi_positive_clip_loss(emb, emb, scale, ["a", "a"])
+    assert same.item() == pytest.approx(math.log(1 + math.e) - 0.5, abs=1e-6)
+
+
+def test_clip_loss_equals_cross_entropy_for_distinct_groups():
+    torch.manual_seed(0)
+    img, txt = F.normalize(torch.randn(5, 8), dim=-1), F.normalize(torch.randn(5, 8), dim=-1)
+    logits = 3.0 * img @ txt.T
+    expected = (
+        F.cross_entropy(logits, torch.arange(5)) + F.cross_entropy(logits.T, torch.arange(5))
+    ) / 2
+    got = pretrain.multi_positive_clip_loss(img, txt, torch.tensor(3.0), list(range(5)))
+    assert got.item() == pytest.approx(expected.item(), abs=1e-5)
+
+
+def test_encoders_match_open_clip_and_the_teacher():
+    model = build_open_clip("C2S-Tiny", "", random_init_seed=3)
+    tokens = get_tokenizer("C2S-Tiny")(["a photo of moss.", "a scene of grass, ice and lava"])
+    assert torch.allclose(
+        pretrain.encode_text_truncated(model, tokens), model.encode_text(tokens), atol=1e-5
+    )
+    teacher = ClipTeacher(model)
+    images = torch.rand(2, 3, 128, 128) * 255  # 16x16 grid: interpolated positional embeddings
+    global_t, dense_t = teacher(images)
+    global_s, dense_s = pretrain.encode_image_global_dense(model.visual, teacher.preprocess(images))
+    assert torch.allclose(global_s, global_t, atol=1e-5)
+    assert torch.allclose(dense_s.transpose(1, 2).reshape(dense_t.shape), dense_t, atol=1e-5)
+
+
+def test_crop_materials_by_area():
+    label = np.full((10, 10), 3, np.uint8)
+    label[:, 7:] = 5  # 30 px
+    label[0, :] = 7  # 10 px (the 0.15 share cut drops it)
+    label[9, :] = IGNORE_LABEL  # not counted
+    assert pretrain.materials_by_area(label, 0.15) == [3, 5]
+    assert pretrain.materials_by_area(label, 0.0) == [3, 5, 7]
+    assert pretrain.materials_by_area(label, 0.99) == [3]  # at least the largest one
+
+
+class _FakeBank:
+    def __init__(self):
+        self.images = np.random.default_rng(0).integers(0, 255, (3, 128, 128, 3), dtype=np.uint8)
+        self.labels = np.zeros((3, 128, 128), np.uint8)
+        self.labels[:, :, 64:] = 9  # grass | ice; a crop of 32..96 px shows one or both
+        self.captions = ["a scene of grass and ice"] * 3
+
+
+def test_sample_batch_is_seeded_and_captions_name_the_materials():
+    bank = _FakeBank()
+    a = pretrain.sample_batch(bank, np.random.default_rng(1), 20, 64)
+    b = pretrain.sample_batch(bank, np.random.default_rng(1), 20, 64)
+    assert np.array_equal(a[0], b[0]) and a[1] == b[1] and a[2] == b[2]
+    images, captions, groups = a
+    assert images.shape == (20, 64, 64, 3) and images.dtype == np.uint8
+    for caption, group in zip(captions, groups):
+        assert len(group) >= 1
+        assert all(MINIWORLD_CLASSES[i] in caption for i in group), (caption, group)
+    assert all(len(g) == 1 for g in groups[13:])  # 5 scenes, 8 crops, 7 material patches
+    assert all(g == {0, 9} for g in groups[:5])  # whole scenes show both materials
+
+
+@pytest.fixture
+def tiny_miniworld(tmp_path, monkeypatch):
+    """A 16 + 4 image mini-world in a temporary folder."""
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
+    monkeypatch.setenv("C2S_MINIWORLD_NUM_TRAIN", "16")
+    monkeypatch.setenv("C2S_MINIWORLD_NUM_VAL", "4")
+    return tmp_path
+
+
+def test_training_is_deterministic_given_the_seed(tiny_miniworld):
+    args = pretrain.parse_args(["--quick", "--steps", "3", "--batch-size", "16", "--seed", "5"])
+    with pretrain.torch_threads(1):
+        runs = [pretrain.train(args) for _ in range(2)]
+    states = [model.state_dict() for model, _ in runs]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert runs[0][1]["loss_last"] == runs[1][1]["loss_last"]
+
+
+def test_quick_run_writes_a_loadable_checkpoint_and_a_report(tiny_miniworld):
+    out = str(tiny_miniworld / "clip" / "tiny.pt")
+    argv = ["--quick", "--steps", "12", "--batch-size", "48", "--eval-per-material", "3"]
+    report = pretrain.main(argv + ["--output", out])
+
+    training = report["training"]
+    assert training["steps_done"] == 12
+    assert training["loss_last"] < training["loss_first"]
+    with open(pretrain.report_path(out), "r", encoding="utf-8") as f:
+        saved = json.load(f)
+    for kind in ("global", "dense", "global_patch128", "dense_patch128"):
+        assert set(saved[kind]) >= {"seen", "unseen", "all"}
+        assert 0.0 <= saved[kind]["seen"] <= 1.0 and 0.0 <= saved[kind]["unseen"] <= 1.0
+    assert "hIoU" in saved["dense_val_segmentation"]
+
+    stored = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
+    model = build_open_clip("C2S-Tiny", out)
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v.float()) for k, v in stored.items())
+    random_init = build_open_clip("C2S-Tiny", "", random_init_seed=0).state_dict()
+    assert not torch.allclose(loaded["visual.proj"], random_init["visual.proj"])
+    text_tower = build_open_clip("C2S-Tiny", out, text_only=True)
+    tokens = get_tokenizer("C2S-Tiny")(["a photo of moss."])
+    assert torch.allclose(text_tower.encode_text(tokens), model.encode_text(tokens), atol=1e-5)
+    global_emb, dense = ClipTeacher(model, input_size=128)(torch.rand(1, 3, 128, 128) * 255)
+    assert global_emb.shape == (1, 64) and dense.shape == (1, 64, 16, 16)
