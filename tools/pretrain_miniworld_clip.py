@@ -64,6 +64,14 @@ MODES = {"default": (1500, 256, None, 50), "quick": (60, 96, 200, 20)}
 
 
 # ------------------------------------------------------------------------------------ data
+def read_image(path: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
+    """``cv2.imread`` that names the file it cannot read (colour images come back RGB)."""
+    image = cv2.imread(path, flags)
+    if image is None:
+        raise OSError(f"cannot read image file {path}")
+    return np.ascontiguousarray(image[..., ::-1]) if image.ndim == 3 else image
+
+
 class SceneBank:
     """Training scenes of ``c2s_miniworld_train_all`` in memory: images, labels, captions."""
 
@@ -79,8 +87,8 @@ class SceneBank:
         if missing:
             raise KeyError(f"{captions_file} lacks the captions of images {missing[:5]}")
         self.captions = [captions[r["image_id"]] for r in records]
-        self.images = np.stack([cv2.imread(r["file_name"])[..., ::-1] for r in records])  # RGB
-        self.labels = np.stack([cv2.imread(r["sem_seg_file_name"], 0) for r in records])
+        self.images = np.stack([read_image(r["file_name"]) for r in records])
+        self.labels = np.stack([read_image(r["sem_seg_file_name"], 0) for r in records])
         logger.info("%d training scenes from %s", len(records), root)
 
 
@@ -180,8 +188,7 @@ def multi_positive_clip_loss(
     image_emb, text_emb: [B, d] unit norm; logit_scale: scalar (already exponentiated). With all
     groups distinct this is CLIP's loss, the mean of the two cross-entropies.
     """
-    index = {g: i for i, g in enumerate(dict.fromkeys(groups))}
-    g = torch.tensor([index[x] for x in groups])
+    g = torch.tensor([list(dict.fromkeys(groups)).index(x) for x in groups])  # group ids
     positives = (g[:, None] == g[None, :]).float()
     target = positives / positives.sum(dim=1, keepdim=True)  # symmetric: serves both directions
     logits = logit_scale * image_emb @ text_emb.T
@@ -263,11 +270,11 @@ def train(args: argparse.Namespace) -> Tuple[torch.nn.Module, Dict]:
         optimizer.step()
         scheduler.step()
         with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))  # CLIP's cap on the temperature
+            scale = model.logit_scale.clamp_(0, math.log(100)).exp().item()  # CLIP's cap: 100
         losses.append(loss.item())
         elapsed = time.perf_counter() - start
         if step % 25 == 0 or step == args.steps - 1:
-            logger.info("step %d loss %.4f scale %.1f", step, losses[-1], model.logit_scale.exp())
+            logger.info("step %d loss %.4f scale %.1f", step, losses[-1], scale)
         if elapsed > args.minutes * 60 and step < args.steps - 1:
             logger.warning("%.1f min spent: training stops at step %d", args.minutes, step + 1)
             break
@@ -290,9 +297,8 @@ def dense_segmentation_metrics(teacher: ClipTeacher, names_emb: torch.Tensor) ->
     """MaskCLIP-style segmentation of ``c2s_miniworld_val``: each pixel takes the nearest name."""
     conf = np.zeros((NUM_MATERIALS, NUM_MATERIALS), np.int64)
     for r in DatasetCatalog.get("c2s_miniworld_val"):
-        image = torch.from_numpy(cv2.imread(r["file_name"])[..., ::-1].copy())
-        label = cv2.imread(r["sem_seg_file_name"], 0)
-        dense = teacher(image.permute(2, 0, 1)[None].float())[1]
+        image, label = read_image(r["file_name"]), read_image(r["sem_seg_file_name"], 0)
+        dense = teacher(torch.from_numpy(image).permute(2, 0, 1)[None].float())[1]
         logits = torch.einsum("bdhw,cd->bchw", dense, names_emb)
         logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
         pred, keep = logits[0].argmax(0).numpy(), label != IGNORE_LABEL

@@ -1,0 +1,255 @@
+#!/usr/bin/env python
+"""Inference cost of the C2S student against the baseline and the teacher-based comparisons.
+
+Four models, built in one process from the COCO-Stuff configs at real size (R-50 student with
+random init, ViT-B/16 teacher with random weights, 512x512 input) or tiny (``--quick``):
+
+(a) ``baseline``: the ZS baseline student;
+(b) ``c2s_student``: the C2S student (``inference_cfg`` of the C2S config: no distillation branch,
+    no CLS query);
+(c) ``two_stage``: the C2S student's masks, each of its N queries classified by the teacher on a
+    masked crop of ``--two-stage-crop`` px (zsseg-style; ``INFERENCE_MODE two_stage``);
+(d) ``teacher_dense``: the teacher alone, dense (MaskCLIP-style; ``INFERENCE_MODE teacher_dense``)
+    at the C2S config's ``TEACHER_INPUT_SIZE``.
+
+For each: parameters used at inference (the teacher is built lazily and kept outside the module
+tree, so it is counted explicitly: student + teacher for (c), teacher only for (d)), GFLOPs by
+fvcore's ``FlopCountAnalysis`` (1 multiply-add = 1 flop; attention kernels that fvcore does not
+know are counted by handles below) and the median latency of one image; ratios are to (b).
+
+    python tools/benchmark_inference.py --json out/inf.json --markdown out/inf.md
+    python tools/benchmark_inference.py --quick        # tiny models at 128 px (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from contextlib import contextmanager
+from typing import Dict, Iterator, List, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from _bench_common import add_common_args, env_note, load_cfg, median  # noqa: E402
+from _bench_common import run_description, setup_run, timed, write_json  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+from fvcore.nn import FlopCountAnalysis  # noqa: E402
+from fvcore.nn.jit_handles import get_shape  # noqa: E402
+
+from c2s_d2.config import inference_cfg  # noqa: E402
+from c2s_d2.modeling.clip import teacher as teacher_module  # noqa: E402
+
+MODELS = ("baseline", "c2s_student", "two_stage", "teacher_dense")
+LABELS = {
+    "baseline": "(a) ZS baseline student",
+    "c2s_student": "(b) C2S student",
+    "two_stage": "(c) two-stage (student + teacher per mask)",
+    "teacher_dense": "(d) teacher-only dense",
+}
+REFERENCE = "c2s_student"
+
+
+def _prod(shape: Sequence[int]) -> int:
+    out = 1
+    for s in shape:
+        out *= int(s)
+    return out
+
+
+def sdpa_flop_jit(inputs, outputs) -> int:
+    """aten::scaled_dot_product_attention: q [.., Lq, D], k [.., Lk, D], v [.., Lk, Dv] ->
+    Lq*Lk*D (scores) + Lq*Lk*Dv (weighted sum) multiply-adds per batch element."""
+    q, k, v = (get_shape(x) for x in inputs[:3])
+    return _prod(q[:-2]) * q[-2] * k[-2] * (q[-1] + v[-1])
+
+
+def native_mha_flop_jit(inputs, outputs) -> int:
+    """aten::_native_multi_head_attention (nn.MultiheadAttention's inference fast path):
+    query [B, Lq, E], key/value [B, Lk, E]: q/k/v and output projections + attention."""
+    q, k = get_shape(inputs[0]), get_shape(inputs[1])
+    b, lq, e = _prod(q[:-2]), q[-2], q[-1]
+    lk = k[-2]
+    return b * (lq * e * e + 2 * lk * e * e + 2 * lq * lk * e + lq * e * e)
+
+
+ATTENTION_HANDLES = {
+    "aten::scaled_dot_product_attention": sdpa_flop_jit,
+    "aten::_native_multi_head_attention": native_mha_flop_jit,
+}
+
+
+@contextmanager
+def traceable_teacher() -> Iterator[None]:
+    """Under ``torch.jit.trace`` image sizes are tensors and ``teacher_input_size`` fails on
+    ``round(tensor)``; give it Python ints while fvcore traces (sizes are fixed here anyway)."""
+    original = teacher_module.teacher_input_size
+
+    def int_sizes(height, width, patch_size, short_side=None):
+        return original(int(height), int(width), patch_size, short_side)
+
+    teacher_module.teacher_input_size = int_sizes
+    try:
+        yield
+    finally:
+        teacher_module.teacher_input_size = original
+
+
+def gflops(module: torch.nn.Module, inputs: tuple) -> float:
+    """fvcore GFLOPs (multiply-adds) of ``module(*inputs)``, attention included."""
+    with traceable_teacher(), torch.no_grad():
+        analysis = FlopCountAnalysis(module, inputs).set_op_handle(**ATTENTION_HANDLES)
+        analysis.unsupported_ops_warnings(False).uncalled_modules_warnings(False)
+        return analysis.total() / 1e9
+
+
+def build_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
+    """The four models in eval mode, teachers built (they are lazy)."""
+    c2s_cfg = load_cfg(args.c2s_config, args)
+    cfgs = {
+        "baseline": load_cfg(args.baseline_config, args),
+        "c2s_student": c2s_cfg,
+        "two_stage": load_cfg(args.c2s_config, args, ["MODEL.C2S.INFERENCE_MODE", "two_stage"]),
+        "teacher_dense": load_cfg(
+            args.c2s_config, args, ["MODEL.C2S.INFERENCE_MODE", "teacher_dense"]
+        ),
+    }
+    crop = args.two_stage_crop or (None if args.quick else 224)
+    if crop:  # quick mode keeps the tiny config's teacher size
+        cfgs["two_stage"].merge_from_list(["MODEL.C2S.DISTILL.TEACHER_INPUT_SIZE", str(crop)])
+    models = {}
+    for name in MODELS:
+        torch.manual_seed(args.seed)  # (a) and (b) get the same initial weights
+        models[name] = build_model(inference_cfg(cfgs[name])).eval()
+        if name in ("two_stage", "teacher_dense"):
+            models[name].teacher()
+    return models
+
+
+def count_params(name: str, model: torch.nn.Module) -> Dict[str, int]:
+    """Parameters that run at inference: the teacher lives outside the module tree."""
+    student = sum(p.numel() for p in model.parameters())
+    teacher = model._teacher
+    t = sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0
+    used = {"baseline": student, "c2s_student": student, "two_stage": student + t}
+    return {"params": used.get(name, t), "params_student": student, "params_teacher": t}
+
+
+def run(args: argparse.Namespace) -> Dict:
+    setup_run(args)
+    models = build_models(args)
+    g = torch.Generator().manual_seed(args.seed)
+    image = torch.randint(0, 256, (3, args.size, args.size), dtype=torch.uint8, generator=g)
+    inputs = [{"image": image, "height": args.size, "width": args.size}]
+    results: Dict[str, Dict] = {name: count_params(name, m) for name, m in models.items()}
+    latencies: Dict[str, List[float]] = {name: [] for name in MODELS}
+    for name, model in models.items():
+        for _ in range(args.warmup):
+            model(inputs)
+    # round robin, so that a busy machine slows every model alike
+    for r in range(args.runs):
+        for name, model in models.items():
+            if name != "two_stage" or r < args.two_stage_runs:
+                latencies[name].append(timed(lambda: model(inputs), args.device))
+    for name, model in models.items():
+        results[name]["gflops"] = gflops(model, (inputs,))
+        results[name]["latencies_s"] = latencies[name]
+        results[name]["latency_s"] = median(latencies[name])
+    ref = results[REFERENCE]
+    for r in results.values():
+        r["ratios"] = {
+            k: r[k] / ref[k] if ref[k] else float("nan") for k in ("params", "gflops", "latency_s")
+        }
+    teacher = models["two_stage"]._teacher
+    crop = teacher.input_size or 224
+    per_call = gflops(teacher, (torch.rand(1, 3, crop, crop) * 255,))
+    out = {"run": run_description(args), "models": results, "reference": REFERENCE}
+    out["run"].update({"runs": args.runs, "two_stage_runs": args.two_stage_runs})
+    out["two_stage"] = {
+        "crop_size": crop,
+        "num_masks": models["two_stage"].query_decoder.num_object_queries,
+        "teacher_gflops_per_crop": per_call,
+    }
+    out["teacher_dense_input_size"] = models["teacher_dense"]._teacher.input_size
+    return out
+
+
+def markdown_table(result: Dict) -> str:
+    rows = [
+        "| model | params (M) | x C2S | GFLOPs | x C2S | latency (s) | x C2S |",
+        "|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name in MODELS:
+        r = result["models"][name]
+        q = r["ratios"]
+        rows.append(
+            f"| {LABELS[name]} | {r['params'] / 1e6:.2f} | {q['params']:.2f} | {r['gflops']:.2f} "
+            f"| {q['gflops']:.2f} | {r['latency_s']:.3f} | {q['latency_s']:.2f} |"
+        )
+    return "\n".join(rows) + "\n"
+
+
+def report(result: Dict) -> None:
+    r = result["run"]
+    print(
+        f"inference, {'quick (tiny models)' if r['quick'] else 'real size'}: one "
+        f"{r['size']}x{r['size']} image, {r['threads']} threads, device {r['device']}; latency "
+        f"median of {r['runs']} runs ({r['two_stage_runs']} for two-stage); GFLOPs by fvcore "
+        "(multiply-adds)"
+    )
+    ts = result["two_stage"]
+    print(
+        f"two-stage: {ts['num_masks']} masks, teacher crops {ts['crop_size']} px, "
+        f"{ts['teacher_gflops_per_crop']:.2f} GFLOPs per crop; teacher-only dense at "
+        f"{result['teacher_dense_input_size']} px"
+    )
+    print(markdown_table(result), end="")
+    for name in MODELS:
+        m = result["models"][name]
+        q = m["ratios"]
+        print(
+            f"ratio to C2S student: {name} params {q['params']:.3f}x ({m['params']:,}), "
+            f"GFLOPs {q['gflops']:.3f}x ({m['gflops']:.2f}), latency {q['latency_s']:.2f}x "
+            f"({m['latency_s']:.3f} s; runs {[round(x, 3) for x in m['latencies_s']]})"
+        )
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--runs", type=int, default=3, help="timed runs of each model")
+    p.add_argument("--two-stage-runs", type=int, default=1, help="timed runs of two-stage")
+    p.add_argument("--warmup", type=int, default=1, help="untimed runs of each model first")
+    p.add_argument(
+        "--two-stage-crop",
+        type=int,
+        default=None,
+        help="teacher crop size of two-stage in px (default 224, zsseg's; quick: the config's)",
+    )
+    p.add_argument("--markdown", default="", help="write the table to this Markdown file")
+    args = p.parse_args(argv)
+    if min(args.runs, args.two_stage_runs) < 1 or args.warmup < 0:
+        p.error("--runs and --two-stage-runs must be >= 1, --warmup >= 0")
+    args.two_stage_runs = min(args.two_stage_runs, args.runs)
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = parse_args(argv)
+    note = env_note(args)
+    if note:
+        print(note)
+    result = run(args)
+    report(result)
+    write_json(args.json, result)
+    if args.markdown:
+        os.makedirs(os.path.dirname(os.path.abspath(args.markdown)), exist_ok=True)
+        with open(args.markdown, "w") as f:
+            f.write(markdown_table(result))
+        print(f"table written to {args.markdown}")
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,254 @@
+#!/usr/bin/env python
+"""Training-step cost of full C2S against the zero-shot baseline, at real size, on a synthetic batch.
+
+Both models are built in the same process from the COCO-Stuff configs (R-50 student with random
+init, ViT-B/16 teacher and text tower with random weights: no download), and trained on the same
+synthetic batch (random images, label maps with several segments and an ignored area). After
+warm-up (the first C2S step also builds the teacher and the latent-vocabulary text embeddings),
+steps of the two models alternate, so that a busy machine slows both alike. A step is
+forward + backward + optimizer step (the project's optimizer, gradient clipping included).
+
+Inside the C2S step, timing wrappers (installed by this script only) measure the teacher forward,
+the pseudo-mask clustering, latent mining (region embeddings, seen scoring, latent memory, latent
+text embeddings), the matching of pseudo regions to queries and the local-distillation pairs.
+
+    python tools/benchmark_train.py                   # real size: 512 px, batch 2, 2 threads
+    python tools/benchmark_train.py --steps 7 --json out/train.json
+    python tools/benchmark_train.py --quick --steps 2 # tiny models at 128 px (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+from collections import defaultdict
+from contextlib import contextmanager
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from _bench_common import add_common_args, env_note, load_cfg, median  # noqa: E402
+from _bench_common import run_description, setup_run, synchronize, synthetic_batch  # noqa: E402
+from _bench_common import write_json  # noqa: E402
+from detectron2.modeling import build_model  # noqa: E402
+
+from c2s_d2.modeling import c2s_distiller  # noqa: E402
+from c2s_d2.modeling.c2s_distiller import C2SDistiller  # noqa: E402
+from c2s_d2.modeling.clip.teacher import ClipTeacher  # noqa: E402
+from c2s_d2.solver import build_c2s_optimizer  # noqa: E402
+
+TARGET_RATIO = 1.5
+# (owner, attribute, section name): what the timing wrappers measure inside a C2S step
+TIMED_SECTIONS = (
+    (ClipTeacher, "forward", "teacher_forward"),
+    (c2s_distiller, "pseudo_masks_from_ignored_area_batch", "pseudo_masks"),
+    (C2SDistiller, "_pseudo_regions", "pseudo_regions"),
+    (C2SDistiller, "_latent_bank", "latent_bank"),
+    (C2SDistiller, "_match_pseudo_regions", "pseudo_matching"),
+    (C2SDistiller, "_local_pairs", "local_pairs"),
+)
+
+
+class SectionTimer:
+    """Accumulates wall-clock seconds of wrapped functions per section, step by step."""
+
+    def __init__(self, device: str) -> None:
+        self.device = device
+        self.current: Dict[str, float] = defaultdict(float)
+
+    def wrap(self, fn: Callable, name: str) -> Callable:
+        @functools.wraps(fn)
+        def timed_fn(*args, **kwargs):
+            synchronize(self.device)
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                synchronize(self.device)
+                self.current[name] += time.perf_counter() - t0
+
+        return timed_fn
+
+    def pop(self) -> Dict[str, float]:
+        """The seconds of each section since the last call."""
+        out, self.current = dict(self.current), defaultdict(float)
+        return out
+
+    @contextmanager
+    def installed(self) -> Iterator["SectionTimer"]:
+        """Patch every ``TIMED_SECTIONS`` attribute with its timing wrapper; restore on exit."""
+        saved = []
+        try:
+            for owner, attr, name in TIMED_SECTIONS:
+                original = getattr(owner, attr)  # plain functions (no static/class methods)
+                saved.append((owner, attr, original))
+                setattr(owner, attr, self.wrap(original, name))
+            yield self
+        finally:
+            for owner, attr, original in reversed(saved):
+                setattr(owner, attr, original)
+
+
+def exclusive_sections(raw: Dict[str, float]) -> Dict[str, float]:
+    """Nested section times -> disjoint parts of the C2S step (seconds)."""
+    pseudo = raw.get("pseudo_masks", 0.0)
+    return {
+        "teacher_forward": raw.get("teacher_forward", 0.0),
+        "pseudo_masks": pseudo,
+        # region embeddings, seen scoring, latent memory update + latent text embeddings
+        "latent_mining": raw.get("pseudo_regions", 0.0) - pseudo + raw.get("latent_bank", 0.0),
+        "pseudo_matching": raw.get("pseudo_matching", 0.0),
+        "local_pairs": raw.get("local_pairs", 0.0),
+    }
+
+
+class StepRunner:
+    """A model and its optimizer; ``step`` runs forward + backward + optimizer step."""
+
+    def __init__(self, cfg, device: str) -> None:
+        self.model = build_model(cfg).train()
+        self.optimizer = build_c2s_optimizer(cfg, self.model)
+        self.device = device
+        self.params = sum(p.numel() for p in self.model.parameters())
+
+    def step(self, batch: List[Dict]) -> Dict[str, float]:
+        """Seconds of forward, backward, optimizer and the whole step."""
+        synchronize(self.device)
+        t0 = time.perf_counter()
+        losses = self.model(batch)
+        loss = sum(losses.values())
+        synchronize(self.device)
+        t1 = time.perf_counter()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        synchronize(self.device)
+        t2 = time.perf_counter()
+        self.optimizer.step()
+        synchronize(self.device)
+        t3 = time.perf_counter()
+        if not torch.isfinite(loss):
+            raise RuntimeError(f"non-finite loss {float(loss)}: {sorted(losses)}")
+        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
+
+
+def summarize(steps: Sequence[Dict[str, float]]) -> Dict:
+    keys = steps[0].keys() if steps else ()
+    out = {f"{k}_s": median([s[k] for s in steps]) for k in keys}
+    out["steps_s"] = [s["step"] for s in steps]
+    return out
+
+
+def run(args: argparse.Namespace) -> Dict:
+    setup_run(args)
+    batch_opts = ["SOLVER.IMS_PER_BATCH", str(args.batch)]
+    base_cfg = load_cfg(args.baseline_config, args, batch_opts)
+    c2s_cfg = load_cfg(args.c2s_config, args, batch_opts)
+    if not c2s_cfg.MODEL.C2S.DISTILL.ENABLED:
+        raise SystemExit(f"{args.c2s_config}: MODEL.C2S.DISTILL.ENABLED is False (not C2S)")
+
+    setup: Dict[str, float] = {}
+    t0 = time.perf_counter()
+    baseline = StepRunner(base_cfg, args.device)
+    setup["build_baseline_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    c2s = StepRunner(c2s_cfg, args.device)
+    setup["build_c2s_s"] = time.perf_counter() - t0
+    num_seen = int(c2s.model.train_bank.shape[0])
+    batch = synthetic_batch(args.batch, args.size, num_seen, seed=args.seed)
+
+    timer = SectionTimer(args.device)
+    records: Dict[str, List[Dict[str, float]]] = {"baseline": [], "c2s": []}
+    sections: List[Dict[str, float]] = []
+    with timer.installed():
+        for i in range(args.warmup):
+            t0 = time.perf_counter()
+            c2s.step(batch)  # the first one builds the teacher and the latent-vocabulary bank
+            setup[f"c2s_warmup_step{i}_s"] = time.perf_counter() - t0
+            setup[f"baseline_warmup_step{i}_s"] = baseline.step(batch)["step"]
+        timer.pop()
+        for i in range(args.steps):
+            # alternate the order, so neither model always runs right after the other
+            order = [("baseline", baseline), ("c2s", c2s)][:: 1 if i % 2 == 0 else -1]
+            for name, runner in order:
+                records[name].append(runner.step(batch))
+                if name == "c2s":
+                    sections.append(exclusive_sections(timer.pop()))
+                else:
+                    timer.pop()
+
+    result = {"run": run_description(args), "setup": setup, "target_ratio": TARGET_RATIO}
+    result["run"].update({"batch": args.batch, "steps": args.steps, "warmup": args.warmup})
+    result["baseline"] = {**summarize(records["baseline"]), "params": baseline.params}
+    result["c2s"] = {**summarize(records["c2s"]), "params": c2s.params}
+    result["c2s"]["sections_s"] = {k: median([s[k] for s in sections]) for k in sections[0]}
+    step = result["c2s"]["step_s"]
+    result["ratio"] = step / result["baseline"]["step_s"]
+    result["shares"] = {k: v / step for k, v in result["c2s"]["sections_s"].items()}
+    result["meets_target"] = result["ratio"] <= TARGET_RATIO
+    teacher = c2s.model.distiller._teacher
+    result["teacher"] = {
+        "params": sum(p.numel() for p in teacher.parameters()) if teacher is not None else 0,
+        "input_size": c2s_cfg.MODEL.C2S.DISTILL.TEACHER_INPUT_SIZE,
+    }
+    return result
+
+
+def report(result: Dict) -> None:
+    r = result["run"]
+    print(
+        f"training step, {'quick (tiny models)' if r['quick'] else 'real size'}: "
+        f"{r['size']}x{r['size']} px, batch {r['batch']}, {r['threads']} threads, "
+        f"device {r['device']}, median of {r['steps']} steps after {r['warmup']} warm-up"
+    )
+    for name, label in (("baseline", "ZS baseline"), ("c2s", "full C2S")):
+        s = result[name]
+        print(
+            f"{label:12s} step {s['step_s']:.3f} s (forward {s['forward_s']:.3f}, backward "
+            f"{s['backward_s']:.3f}, optimizer {s['optimizer_s']:.3f}); "
+            f"{s['params'] / 1e6:.2f} M trained params; steps {[round(x, 3) for x in s['steps_s']]}"
+        )
+    verdict = "meets" if result["meets_target"] else "MISSES"
+    print(f"ratio C2S/baseline: {result['ratio']:.3f} ({verdict} target <= {TARGET_RATIO})")
+    extra = result["c2s"]["step_s"] - result["baseline"]["step_s"]
+    print(f"extra seconds per C2S step: {extra:.3f}")
+    parts = ", ".join(
+        f"{k.replace('_', ' ')} {100 * result['shares'][k]:.1f}% ({v:.3f} s)"
+        for k, v in result["c2s"]["sections_s"].items()
+    )
+    print(f"share of the C2S step: {parts}")
+    print(
+        f"teacher: {result['teacher']['params'] / 1e6:.2f} M params at input "
+        f"{result['teacher']['input_size']}; one-off setup (s): "
+        + ", ".join(f"{k} {v:.2f}" for k, v in result["setup"].items())
+    )
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_common_args(p)
+    p.add_argument("--steps", type=int, default=5, help="measured steps of each model")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps of each model first")
+    p.add_argument("--batch", type=int, default=2, help="images per step")
+    args = p.parse_args(argv)
+    if args.steps < 1 or args.warmup < 1 or args.batch < 1:
+        p.error("--steps, --warmup and --batch must be >= 1")
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = parse_args(argv)
+    note = env_note(args)
+    if note:
+        print(note)
+    result = run(args)
+    report(result)
+    write_json(args.json, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()
