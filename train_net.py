@@ -4,6 +4,7 @@
 python train_net.py --config-file configs/miniworld/zs_baseline_R18.yaml MODEL.DEVICE cpu
 python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
 python train_net.py --config-file <cfg> --num-gpus 8
+python train_net.py --config-file <cfg> --resume        # continue exactly where a run stopped
 """
 
 import logging
@@ -12,10 +13,8 @@ import sys
 from collections import OrderedDict
 
 import detectron2.utils.comm as comm
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
-from detectron2.data import build_detection_train_loader
-from detectron2.engine import DefaultTrainer, default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.evaluation import inference_on_dataset, print_csv_format
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
@@ -23,13 +22,20 @@ from torch.nn.parallel import DistributedDataParallel
 from c2s_d2 import add_c2s_config
 from c2s_d2.config import inference_cfg
 from c2s_d2.data import C2SSemanticDatasetMapper
+from c2s_d2.engine import (
+    C2SCheckpointer,
+    ReliableTrainer,
+    build_resumable_train_loader,
+    enable_deterministic_mode,
+)
 from c2s_d2.evaluation import C2SSemSegEvaluator, format_headline
 from c2s_d2.solver import build_c2s_lr_scheduler, build_c2s_optimizer
 from c2s_d2.utils.errors import is_user_error, one_line_error
 
 
-class Trainer(DefaultTrainer):
-    """DefaultTrainer with the zero-shot mapper, evaluator, optimiser and per-dataset vocabulary."""
+class Trainer(ReliableTrainer):
+    """Crash-safe, exactly resumable trainer (c2s_d2/engine) with the zero-shot mapper, evaluator,
+    optimiser and per-dataset vocabulary."""
 
     @classmethod
     def build_evaluator(cls, cfg, dataset_name, output_folder=None):
@@ -39,7 +45,7 @@ class Trainer(DefaultTrainer):
 
     @classmethod
     def build_train_loader(cls, cfg):
-        return build_detection_train_loader(cfg, mapper=C2SSemanticDatasetMapper(cfg, True))
+        return build_resumable_train_loader(cfg, C2SSemanticDatasetMapper(cfg, True))
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -66,11 +72,15 @@ class Trainer(DefaultTrainer):
 
 
 def setup(args):
+    if getattr(args, "deterministic", False):
+        enable_deterministic_mode()
     cfg = get_cfg()
     add_c2s_config(cfg)
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
+    if getattr(args, "deterministic", False) and cfg.SEED < 0:
+        raise ValueError(f"--deterministic needs SEED >= 0, got SEED {cfg.SEED}")
     default_setup(cfg, args)
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="c2s_d2")
     return cfg
@@ -81,7 +91,8 @@ def main(args):
     if args.eval_only:
         # the student alone: the distillation branch and CLS queries are not even built
         model = Trainer.build_model(inference_cfg(cfg))
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
+        # every tensor of the evaluated model must come from the file
+        C2SCheckpointer(model, save_dir=cfg.OUTPUT_DIR, require_all_keys=True).resume_or_load(
             cfg.MODEL.WEIGHTS, resume=args.resume
         )
         return Trainer.test(cfg, model)
@@ -107,8 +118,18 @@ def run(args) -> None:
         sys.exit(f"train_net.py: error: {one_line_error(e)}")
 
 
+def argument_parser():
+    parser = default_argument_parser()
+    parser.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="deterministic kernels (torch.use_deterministic_algorithms); needs SEED >= 0",
+    )
+    return parser
+
+
 if __name__ == "__main__":
-    args = default_argument_parser().parse_args()
+    args = argument_parser().parse_args()
     if not args.config_file:
         sys.exit("train_net.py: error: --config-file is required")
     if not os.path.isfile(args.config_file):

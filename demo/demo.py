@@ -32,6 +32,7 @@ from detectron2.utils.visualizer import ColorMode, Visualizer  # noqa: E402
 
 from c2s_d2 import add_c2s_config  # noqa: E402
 from c2s_d2.config import inference_cfg  # noqa: E402
+from c2s_d2.engine import C2SCheckpointer  # noqa: E402
 from c2s_d2.modeling.meta_arch import class_text_names  # noqa: E402
 from c2s_d2.utils.errors import is_user_error, one_line_error  # noqa: E402
 
@@ -68,7 +69,13 @@ def build_predictor(
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     cfg.freeze()
-    predictor = DefaultPredictor(inference_cfg(cfg))
+    icfg = inference_cfg(cfg)
+    icfg.defrost()
+    icfg.MODEL.WEIGHTS = ""
+    icfg.freeze()
+    predictor = DefaultPredictor(icfg)
+    # shape mismatches and unfilled tensors are errors (DetectionCheckpointer skips them)
+    C2SCheckpointer(predictor.model, require_all_keys=True).load(cfg.MODEL.WEIGHTS)
     if vocabulary is not None:
         names, labels = vocabulary, vocabulary
     else:

@@ -50,7 +50,7 @@ def test_train_benchmark_prints_ratio_and_shares(train_run):
     assert ratio, stdout
     assert float(ratio.group(1)) == pytest.approx(result["ratio"], abs=1e-3)
     assert re.search(r"share of the C2S step: teacher forward [0-9.]+%", stdout), stdout
-    assert {"baseline", "c2s", "ratio", "shares", "setup", "run", "meets_target"} <= set(result)
+    assert {"baseline", "c2s", "ratio", "ratio_cpu", "shares", "setup", "run"} <= set(result)
     assert set(result["shares"]) == {
         "teacher_forward",
         "pseudo_masks",
@@ -110,7 +110,8 @@ def test_inference_benchmark_numbers_are_sane(inference_run):
     per_crop = result["two_stage"]["teacher_gflops_per_crop"]
     assert m["two_stage"]["gflops"] > m["c2s_student"]["gflops"]
     extra = m["two_stage"]["gflops"] - m["c2s_student"]["gflops"]
-    assert extra >= 8 * per_crop * 0.99
+    assert 0.99 <= extra / (8 * per_crop) <= 1.1
+    assert result["two_stage"]["teacher_gflops_per_crop_executed"] > per_crop
     assert m["teacher_dense"]["gflops"] > 0
     assert all(x > 0 for x in m["two_stage"]["latencies_s"])
 

@@ -68,6 +68,14 @@ def test_crop_materials_by_area():
     assert pretrain.materials_by_area(label, 0.99) == [3]  # at least the largest one
 
 
+def test_bad_input_gets_a_clear_error(tmp_path):
+    missing = str(tmp_path / "missing.png")
+    with pytest.raises(OSError, match="missing.png"):
+        pretrain.read_image(missing)
+    with pytest.raises(SystemExit):
+        pretrain.parse_args(["--steps", "0"])
+
+
 class _FakeBank:
     def __init__(self):
         self.images = np.random.default_rng(0).integers(0, 255, (3, 128, 128, 3), dtype=np.uint8)
@@ -135,3 +143,13 @@ def test_quick_run_writes_a_loadable_checkpoint_and_a_report(tiny_miniworld):
     assert torch.allclose(text_tower.encode_text(tokens), model.encode_text(tokens), atol=1e-5)
     global_emb, dense = ClipTeacher(model, input_size=128)(torch.rand(1, 3, 128, 128) * 255)
     assert global_emb.shape == (1, 64) and dense.shape == (1, 64, 16, 16)
+
+
+def test_text32_checkpoint_is_small_and_loads(tmp_path):
+    """C2S-Tiny-Text32 (text width 32): a float16 checkpoint small enough to ship (< 5 MiB)."""
+    model = build_open_clip("C2S-Tiny-Text32", "", random_init_seed=1)
+    path = str(tmp_path / "text32.pt")
+    pretrain.save_checkpoint(model, path, {"note": "random weights"})
+    assert os.path.getsize(path) < 5 * 2**20
+    loaded = build_open_clip("C2S-Tiny-Text32", path).state_dict()
+    assert all(torch.equal(loaded[k], v.half().float()) for k, v in model.state_dict().items())

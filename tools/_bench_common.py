@@ -70,7 +70,13 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--baseline-config", default=BASELINE_CONFIG, help="ZS baseline config")
     parser.add_argument("--c2s-config", default=C2S_CONFIG, help="full C2S config")
     parser.add_argument("--size", type=int, default=512, help="square image side (px)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: on a shared machine, threads that wait for each other "
+        "at every op make multi-threaded timings erratic)",
+    )
     parser.add_argument("--device", default="cpu", help="MODEL.DEVICE (cpu or cuda)")
     parser.add_argument("--quick", action="store_true", help="tiny models at 128 px (for tests)")
     parser.add_argument("--seed", type=int, default=0)
@@ -191,10 +197,12 @@ def run_description(args: argparse.Namespace) -> Dict:
 
 
 def env_note(args: argparse.Namespace) -> Optional[str]:
-    """A warning line when the machine is busier than the threads asked for."""
+    """A warning line when the machine is busy: other processes slow a multi-threaded run far
+    more than a single-threaded one (its threads wait for each other at every op)."""
     if not hasattr(os, "getloadavg"):
         return None
-    load = os.getloadavg()[0]
-    if load > (os.cpu_count() or 1):
-        return f"note: load average {load:.1f} > {os.cpu_count()} CPUs: timings are noisy"
+    load, cpus = os.getloadavg()[0], os.cpu_count() or 1
+    if load + args.threads > cpus:
+        hint = "; prefer --threads 1" if args.threads > 1 else ""
+        return f"note: load average {load:.1f} on {cpus} CPUs: wall-clock timings are noisy{hint}"
     return None

@@ -12,7 +12,12 @@ Inside the C2S step, timing wrappers (installed by this script only) measure the
 the pseudo-mask clustering, latent mining (region embeddings, seen scoring, latent memory, latent
 text embeddings), the matching of pseudo regions to queries and the local-distillation pairs.
 
-    python tools/benchmark_train.py                   # real size: 512 px, batch 2, 2 threads
+Besides wall-clock seconds, the process CPU time of each step is recorded: with one thread it
+barely depends on other processes. On a shared machine use one thread (the default): with two
+threads on two busy cores, each op waits for the descheduled thread, and a step that takes 6.7 s
+alone took 16 to 34 s.
+
+    python tools/benchmark_train.py                   # real size: 512 px, batch 2, 1 thread
     python tools/benchmark_train.py --steps 7 --json out/train.json
     python tools/benchmark_train.py --quick --steps 2 # tiny models at 128 px (tests)
 """
@@ -64,12 +69,13 @@ class SectionTimer:
         @functools.wraps(fn)
         def timed_fn(*args, **kwargs):
             synchronize(self.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             try:
                 return fn(*args, **kwargs)
             finally:
                 synchronize(self.device)
                 self.current[name] += time.perf_counter() - t0
+                self.current[name + "_cpu"] += time.process_time() - c0
 
         return timed_fn
 
@@ -93,16 +99,20 @@ class SectionTimer:
                 setattr(owner, attr, original)
 
 
-def exclusive_sections(raw: Dict[str, float]) -> Dict[str, float]:
-    """Nested section times -> disjoint parts of the C2S step (seconds)."""
-    pseudo = raw.get("pseudo_masks", 0.0)
+def exclusive_sections(raw: Dict[str, float], suffix: str = "") -> Dict[str, float]:
+    """Nested section times -> disjoint parts of the C2S step (seconds; ``suffix="_cpu"``: the
+    process CPU time)."""
+
+    def get(name: str) -> float:
+        return raw.get(name + suffix, 0.0)
+
     return {
-        "teacher_forward": raw.get("teacher_forward", 0.0),
-        "pseudo_masks": pseudo,
+        "teacher_forward": get("teacher_forward"),
+        "pseudo_masks": get("pseudo_masks"),
         # region embeddings, seen scoring, latent memory update + latent text embeddings
-        "latent_mining": raw.get("pseudo_regions", 0.0) - pseudo + raw.get("latent_bank", 0.0),
-        "pseudo_matching": raw.get("pseudo_matching", 0.0),
-        "local_pairs": raw.get("local_pairs", 0.0),
+        "latent_mining": get("pseudo_regions") - get("pseudo_masks") + get("latent_bank"),
+        "pseudo_matching": get("pseudo_matching"),
+        "local_pairs": get("local_pairs"),
     }
 
 
@@ -116,8 +126,10 @@ class StepRunner:
         self.params = sum(p.numel() for p in self.model.parameters())
 
     def step(self, batch: List[Dict]) -> Dict[str, float]:
-        """Seconds of forward, backward, optimizer and the whole step."""
+        """Seconds of forward, backward, optimizer and the whole step (wall clock), and the
+        process CPU time of the step (``step_cpu``: less sensitive to other processes)."""
         synchronize(self.device)
+        c0 = time.process_time()
         t0 = time.perf_counter()
         losses = self.model(batch)
         loss = sum(losses.values())
@@ -132,7 +144,9 @@ class StepRunner:
         t3 = time.perf_counter()
         if not torch.isfinite(loss):
             raise RuntimeError(f"non-finite loss {float(loss)}: {sorted(losses)}")
-        return {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
+        cpu = time.process_time() - c0
+        times = {"forward": t1 - t0, "backward": t2 - t1, "optimizer": t3 - t2, "step": t3 - t0}
+        return {**times, "step_cpu": cpu}
 
 
 def summarize(steps: Sequence[Dict[str, float]]) -> Dict:
@@ -163,6 +177,7 @@ def run(args: argparse.Namespace) -> Dict:
     timer = SectionTimer(args.device)
     records: Dict[str, List[Dict[str, float]]] = {"baseline": [], "c2s": []}
     sections: List[Dict[str, float]] = []
+    sections_cpu: List[Dict[str, float]] = []
     with timer.installed():
         for i in range(args.warmup):
             t0 = time.perf_counter()
@@ -175,19 +190,24 @@ def run(args: argparse.Namespace) -> Dict:
             order = [("baseline", baseline), ("c2s", c2s)][:: 1 if i % 2 == 0 else -1]
             for name, runner in order:
                 records[name].append(runner.step(batch))
+                raw = timer.pop()
                 if name == "c2s":
-                    sections.append(exclusive_sections(timer.pop()))
-                else:
-                    timer.pop()
+                    sections.append(exclusive_sections(raw))
+                    sections_cpu.append(exclusive_sections(raw, "_cpu"))
 
     result = {"run": run_description(args), "setup": setup, "target_ratio": TARGET_RATIO}
     result["run"].update({"batch": args.batch, "steps": args.steps, "warmup": args.warmup})
     result["baseline"] = {**summarize(records["baseline"]), "params": baseline.params}
     result["c2s"] = {**summarize(records["c2s"]), "params": c2s.params}
     result["c2s"]["sections_s"] = {k: median([s[k] for s in sections]) for k in sections[0]}
-    step = result["c2s"]["step_s"]
+    result["c2s"]["sections_cpu_s"] = {
+        k: median([s[k] for s in sections_cpu]) for k in sections_cpu[0]
+    }
+    step, step_cpu = result["c2s"]["step_s"], result["c2s"]["step_cpu_s"]
     result["ratio"] = step / result["baseline"]["step_s"]
+    result["ratio_cpu"] = step_cpu / result["baseline"]["step_cpu_s"]
     result["shares"] = {k: v / step for k, v in result["c2s"]["sections_s"].items()}
+    result["shares_cpu"] = {k: v / step_cpu for k, v in result["c2s"]["sections_cpu_s"].items()}
     result["meets_target"] = result["ratio"] <= TARGET_RATIO
     teacher = c2s.model.distiller._teacher
     result["teacher"] = {
@@ -220,6 +240,15 @@ def report(result: Dict) -> None:
         for k, v in result["c2s"]["sections_s"].items()
     )
     print(f"share of the C2S step: {parts}")
+    print(
+        f"ratio C2S/baseline (process CPU time): {result['ratio_cpu']:.3f} "
+        f"(baseline {result['baseline']['step_cpu_s']:.3f} s, C2S {result['c2s']['step_cpu_s']:.3f} s)"
+    )
+    parts = ", ".join(
+        f"{k.replace('_', ' ')} {100 * result['shares_cpu'][k]:.1f}% ({v:.3f} s)"
+        for k, v in result["c2s"]["sections_cpu_s"].items()
+    )
+    print(f"share of the C2S step (process CPU time): {parts}")
     print(
         f"teacher: {result['teacher']['params'] / 1e6:.2f} M params at input "
         f"{result['teacher']['input_size']}; one-off setup (s): "

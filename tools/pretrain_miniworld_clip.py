@@ -60,7 +60,7 @@ SINGLE_TEMPLATES = _OWN_SINGLE + get_templates("short") + get_templates("imagene
 MULTI_TEMPLATES = ["a scene of {}", "a photo of {}.", "{}", "an image of {}.", "a picture with {}."]
 MIN_CROP_SHARE = 0.15  # a material names a crop when it covers this share of its labelled pixels
 # mode -> (steps, batch size, training scenes used (None: all), eval patches per material)
-MODES = {"default": (1500, 256, None, 50), "quick": (60, 96, 200, 20)}
+MODES = {"default": (1200, 256, None, 50), "quick": (60, 96, 200, 20)}
 
 
 # ------------------------------------------------------------------------------------ data
@@ -93,8 +93,7 @@ class SceneBank:
 
 
 def materials_by_area(label: np.ndarray, min_share: float) -> List[int]:
-    """Material ids covering at least ``min_share`` of the labelled pixels, largest first (the
-    largest one alone when none does)."""
+    """Materials covering >= ``min_share`` of the labelled pixels, largest first (else the top)."""
     counts = np.bincount(label[label != IGNORE_LABEL], minlength=NUM_MATERIALS)[:NUM_MATERIALS]
     present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
     return [i for i in present if counts[i] >= min_share * counts.sum()] or present[:1]
@@ -167,10 +166,8 @@ def encode_image_global_dense(
 
 
 def encode_text_truncated(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
-    """``model.encode_text`` on tokens [N, L] cut after the last end-of-text token -> [N, d].
-
-    Exact: under the causal mask the pooled end-of-text token never sees the padding after it.
-    """
+    """``model.encode_text`` on tokens [N, L] cut after the last end-of-text token -> [N, d]
+    (exact: under the causal mask, the pooled end-of-text token never sees the padding)."""
     n = int(tokens.argmax(dim=-1).max()) + 1
     t = tokens[:, :n]
     x = model.token_embedding(t) + model.positional_embedding[:n]
@@ -314,9 +311,8 @@ def evaluate_teacher(
 ) -> Dict:
     """Zero-shot accuracy (16 names, prompt ensembling) of the teacher built from ``checkpoint``.
 
-    Patches of 64 px (keys ``global``, ``dense``) and 128 px, a whole scene's size with
-    interpolated positional embeddings (``*_patch128``); ``dense`` averages the dense
-    embeddings over the patch. Plus ``dense_val_segmentation`` (see above).
+    Patches of 64 px (``global``; ``dense``: dense embeddings averaged over the patch) and of
+    128 px, a scene's size (``*_patch128``); plus ``dense_val_segmentation``.
     """
     teacher = ClipTeacher(build_open_clip(model_name, checkpoint))
     names_emb = text_embeddings(MINIWORLD_CLASSES, model_name, checkpoint, templates=templates)
