@@ -9,7 +9,7 @@ Variants: the zero-shot baseline, global only, local only, local without latent 
 full C2S (trained), plus teacher-only dense and two-stage (evaluated; two-stage uses the
 baseline's student). All use the same CLIP (the teacher, ``--teacher``) for the text side, so the
 only difference is distillation. Each run's metrics are read back from its output folder, so an
-interrupted benchmark resumes where it stopped. Writes ``docs/BENCHMARKS.md`` (``--markdown``),
+interrupted benchmark resumes where it stopped. Writes ``docs/BENCHMARKS_MINIWORLD.md`` (``--markdown``),
 a bar chart (``--chart``) and JSON (``--json``).
 """
 
@@ -153,7 +153,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--quick", action="store_true", help="1 seed, 150 iterations (<= 10 min)")
     p.add_argument("--teacher", default=DEFAULT_TEACHER, help="tiny CLIP checkpoint of the teacher")
     p.add_argument("--output", default=os.path.join(ROOT, "output", "benchmark_miniworld"))
-    p.add_argument("--markdown", default=os.path.join(ROOT, "docs", "BENCHMARKS.md"))
+    p.add_argument("--markdown", default=os.path.join(ROOT, "docs", "BENCHMARKS_MINIWORLD.md"))
     p.add_argument("--chart", default=os.path.join(ROOT, "docs", "benchmark_miniworld.png"))
     p.add_argument("--json", default=None)
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="extra config overrides")
