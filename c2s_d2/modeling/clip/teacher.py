@@ -39,6 +39,7 @@ def teacher_input_size(
 ) -> Tuple[int, int]:
     """Size the teacher runs at: short side scaled to ``short_side`` (if given), then each side
     rounded to the nearest multiple of the patch size (at least one patch)."""
+    height, width = int(height), int(width)  # traced sizes (fvcore) are tensors
     if short_side:
         scale = short_side / min(height, width)
         height, width = height * scale, width * scale
