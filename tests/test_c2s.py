@@ -48,14 +48,10 @@ def world(tmp_path_factory):
         "C2S_MINIWORLD_NUM_TRAIN": "8",
         "C2S_MINIWORLD_NUM_VAL": "2",
     }
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:  # restores the environment afterwards
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield root
 
 
 def make_cfg(name, extra=()):

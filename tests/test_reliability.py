@@ -65,14 +65,10 @@ def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("reliability")
     env = {**WORLD, "DETECTRON2_DATASETS": str(root / "datasets")}
     ensure_miniworld(str(root / "datasets" / "miniworld"), num_train=12, num_val=4, size=64)
-    old = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    yield root
-    for k, v in old.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    with pytest.MonkeyPatch.context() as mp:  # restores the environment afterwards
+        for k, v in env.items():
+            mp.setenv(k, v)
+        yield root
 
 
 def subprocess_env(**extra) -> dict:

@@ -161,7 +161,8 @@ class C2SSegmentor(nn.Module):
         backbone = build_backbone(cfg)
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
         query_decoder = build_query_decoder(cfg, c.PIXEL_DECODER.CONV_DIM, c.PIXEL_DECODER.MASK_DIM)
-        embed_dim = int(encode_names([train_names[0]]).shape[-1])
+        # the same call as __init__ makes: its second run is a cache hit, not a second CLIP build
+        embed_dim = int(encode_names(train_names).shape[-1])
         classifier = TextEmbeddingClassifier(
             c.HIDDEN_DIM, embed_dim, c.CLASSIFIER.LOGIT_SCALE, c.CLASSIFIER.LEARNABLE_LOGIT_SCALE
         )
