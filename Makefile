@@ -1,5 +1,6 @@
 # c2s-d2: one-command set-up, run and test.
-#   make run    create the environment if missing, train + evaluate on the mini-world
+#   make run    create the environment if missing, train + evaluate full C2S and the zero-shot
+#               baseline on the mini-world, print both
 #   make test   create the environment if missing, run the test suite
 #   make setup  only create the environment
 # Use your own Python environment (detectron2 built from source, GPU torch, ...): VENV=none
@@ -8,7 +9,8 @@
 VENV ?= .venv
 PYTHON310 ?= $(shell PYENV_VERSION=3.10.13 command -v python3.10 2>/dev/null || echo python3.10)
 PYTEST_ARGS ?=
-RUN_OUTPUT ?= output/miniworld_zs_baseline_R18
+RUN_OUTPUT ?= output/make_run
+RUN_JOBS ?= 2
 
 ifeq ($(VENV),none)
   PY := python
@@ -31,9 +33,12 @@ $(VENV)/.c2s-installed: requirements.txt
 	$(VENV)/bin/python -m pip install --quiet -r requirements.txt
 	touch $@
 
+# full C2S and the zero-shot baseline side by side (two runs at once, one thread each; runs that
+# finished before are read back, an interrupted one resumes)
 run: $(STAMP)
-	$(PY) train_net.py --config-file configs/miniworld/zs_baseline_R18.yaml --resume \
-		OUTPUT_DIR $(RUN_OUTPUT)
+	$(PY) tools/benchmark_miniworld.py --variants zs_baseline c2s_full --seeds 0 \
+		--jobs $(RUN_JOBS) --output $(RUN_OUTPUT) --markdown $(RUN_OUTPUT)/RESULTS.md \
+		--chart $(RUN_OUTPUT)/results.png
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS) tests

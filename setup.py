@@ -6,7 +6,7 @@ setup(
     description="CLIP-to-Seg distillation for zero-shot semantic segmentation, on Detectron2",
     python_requires=">=3.10",
     packages=find_packages(include=["c2s_d2", "c2s_d2.*"]),
-    package_data={"c2s_d2": ["modeling/clip/model_configs/*.json", "modeling/clip/*.txt", "data/datasets/*.json", "data/*.txt", "data/*.json"]},
+    package_data={"c2s_d2": ["modeling/clip/model_configs/*.json", "modeling/clip/weights/*.pt", "modeling/clip/*.txt", "data/datasets/*.json", "data/*.txt", "data/*.json"]},
     install_requires=[
         "torch",
         "torchvision",

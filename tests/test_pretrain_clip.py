@@ -153,3 +153,33 @@ def test_text32_checkpoint_is_small_and_loads(tmp_path):
     assert os.path.getsize(path) < 5 * 2**20
     loaded = build_open_clip("C2S-Tiny-Text32", path).state_dict()
     assert all(torch.equal(loaded[k], v.half().float()) for k, v in model.state_dict().items())
+
+
+def test_shipped_miniworld_teacher_knows_the_unseen_materials():
+    """The packaged teacher (C2S-Tiny-Text32 + tag "miniworld", the configs' default) is a small
+    file and is the pretrained one: it names unseen materials it was never given labels of, where
+    random weights are near chance (1/16)."""
+    from c2s_d2.modeling.clip.loader import shipped_weights_file, weights_identity
+    from c2s_d2.modeling.clip.text_encoder import text_embeddings
+
+    path = shipped_weights_file("C2S-Tiny-Text32", "miniworld")
+    assert os.path.getsize(path) < 5 * 2**20
+    assert weights_identity("miniworld", 0, "C2S-Tiny-Text32").startswith("shipped:miniworld:")
+    truth = np.repeat(np.arange(len(MINIWORLD_CLASSES)), 4)
+    rng = np.random.default_rng(123)
+    patches = np.stack([pretrain.render_material_patch(int(c), 64, rng) for c in truth])
+    images = torch.from_numpy(patches).permute(0, 3, 1, 2).float()
+    accuracy = {}
+    for weights in ("miniworld", ""):
+        teacher = ClipTeacher(build_open_clip("C2S-Tiny-Text32", weights))
+        names = text_embeddings(MINIWORLD_CLASSES, "C2S-Tiny-Text32", weights, templates="short")
+        pred = (teacher(images)[0] @ names.T).argmax(1).numpy()
+        unseen = np.isin(truth, pretrain.MINIWORLD_UNSEEN_IDS)
+        accuracy[weights] = float(np.mean(pred[unseen] == truth[unseen]))
+    assert accuracy["miniworld"] >= 0.9, accuracy
+    assert accuracy[""] <= 0.5, accuracy
+
+
+def test_unknown_tag_lists_the_shipped_one():
+    with pytest.raises(ValueError, match="miniworld"):
+        build_open_clip("C2S-Tiny-Text32", "no-such-tag")

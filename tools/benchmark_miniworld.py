@@ -3,14 +3,18 @@
 
     python tools/benchmark_miniworld.py                 # 3 seeds, full schedule (hours on CPU)
     python tools/benchmark_miniworld.py --quick         # 1 seed, short schedule (<= 10 min)
+    python tools/benchmark_miniworld.py --jobs 5 --device cuda  # one GPU, five runs at a time
     python tools/benchmark_miniworld.py --seeds 0 1 --iters 500 --teacher PATH
 
 Variants: the zero-shot baseline, global only, local only, local without latent classes and
 full C2S (trained), plus teacher-only dense and two-stage (evaluated; two-stage uses the
-baseline's student). All use the same CLIP (the teacher, ``--teacher``) for the text side, so the
-only difference is distillation. Each run's metrics are read back from its output folder, so an
-interrupted benchmark resumes where it stopped. Writes ``docs/BENCHMARKS_MINIWORLD.md`` (``--markdown``),
-a bar chart (``--chart``) and JSON (``--json``).
+baseline's student). All use the same CLIP (the teacher) for the text side, so the only
+difference is distillation: by default the configs' teacher, the tiny CLIP pretrained on the
+mini-world that ships with the package (``C2S-Tiny-Text32`` + ``miniworld``); ``--teacher PATH``
+uses another checkpoint, ``--teacher ''`` random weights. Each run's metrics are read back from
+its output folder, so an interrupted benchmark resumes where it stopped. Writes its table into
+the mini-world section of ``docs/BENCHMARKS.md`` (``--markdown``; other sections are kept), a bar
+chart (``--chart``) and JSON (``--json``). ``--quick`` writes under ``output/`` instead.
 """
 
 from __future__ import annotations
@@ -18,10 +22,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -38,7 +44,10 @@ EVAL_ONLY = [
     ("two_stage", "two_stage_R18.yaml", "two-stage (baseline student + teacher per mask)"),
 ]
 KEYS = ("mIoU-seen", "mIoU-unseen", "hIoU", "mIoU")
-DEFAULT_TEACHER = os.path.join(ROOT, "output", "miniworld_clip", "clip_tiny.pt")
+DOCS = os.path.join(ROOT, "docs")
+PROGRESS_EVERY_S = 60
+_ITER_RE = re.compile(r"(?:eta: (\S+)\s+)?iter: (\d+)")
+BEGIN, END = "<!-- benchmark_miniworld:begin -->", "<!-- benchmark_miniworld:end -->"
 
 
 def metrics_path(out_dir: str) -> str:
@@ -54,17 +63,42 @@ def read_metrics(out_dir: str) -> Optional[Dict[str, float]]:
     return data.get("sem_seg", data)
 
 
-def run_train_net(args: List[str], log: str) -> None:
+def last_progress(log: str) -> str:
+    """'iter N, eta H:MM:SS' from Detectron2's last metrics line in ``log``, or 'starting'."""
+    try:
+        with open(log, errors="replace") as f:
+            f.seek(max(0, os.path.getsize(log) - 20000))
+            hits = _ITER_RE.findall(f.read())
+    except OSError:
+        hits = []
+    if not hits:
+        return "starting"
+    eta, it = hits[-1]
+    return f"iter {int(it) + 1}" + (f", eta {eta}" if eta else "")
+
+
+def run_train_net(args: List[str], log: str, threads: int = 0, label: str = "run") -> None:
     cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), *args]
+    env = dict(os.environ)
+    if threads > 0:  # parallel jobs on one machine: no thread oversubscription
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log, "w") as f:
-        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+        while True:
+            try:
+                proc.wait(timeout=PROGRESS_EVERY_S)
+                break
+            except subprocess.TimeoutExpired:
+                print(f"  {label}: {last_progress(log)}", flush=True)
     if proc.returncode != 0:
         with open(log) as f:
             tail = f.read()[-2000:]
         raise RuntimeError(f"train_net.py failed (log: {log}):\n{tail}")
 
 
-def run_variant(name, config, seed, opts, out_root, eval_only_weights=None) -> Dict[str, float]:
+def run_variant(
+    name, config, seed, opts, out_root, eval_only_weights=None, threads=0
+) -> Dict[str, float]:
     out = os.path.join(out_root, name, f"seed{seed}")
     cached = read_metrics(out)
     if cached is not None:
@@ -80,12 +114,39 @@ def run_variant(name, config, seed, opts, out_root, eval_only_weights=None) -> D
     else:
         args.insert(0, "--resume")
     start = time.time()
-    run_train_net(args, os.path.join(out, "benchmark.log"))
+    run_train_net(args, os.path.join(out, "benchmark.log"), threads, f"{name} seed {seed}")
     metrics = read_metrics(out)
     if metrics is None:
         raise RuntimeError(f"{name} seed {seed}: no metrics written under {out}")
     print(f"  {name} seed {seed}: {time.time() - start:.0f} s  " + fmt_row(metrics))
     return metrics
+
+
+def teacher_label(teacher: Optional[str], model: Optional[str]) -> str:
+    if teacher is None:
+        return "the configs' (shipped mini-world CLIP)"
+    name = model or "config's model"
+    return f"{name} + {os.path.relpath(teacher, ROOT)}" if teacher else f"{name}, random weights"
+
+
+def write_section(path: str, table: str, chart: Optional[str]) -> None:
+    """Put ``table`` between the benchmark's markers in ``path``, keeping the rest of the file."""
+    if chart:
+        rel = os.path.relpath(chart, os.path.dirname(os.path.abspath(path)))
+        table = table.replace("](benchmark_miniworld.png)", f"]({rel})")
+    section = f"{BEGIN}\n{table.rstrip()}\n{END}\n"
+    text = open(path).read() if os.path.isfile(path) else ""
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1].lstrip("\n")
+        text = head + section + ("\n" + tail if tail else "")
+    else:
+        text = text + ("\n" if text and not text.endswith("\n\n") else "") + section
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def fmt_row(m: Dict[str, float]) -> str:
@@ -107,7 +168,7 @@ def summarise(runs: Dict[str, List[Dict[str, float]]]) -> Dict[str, Dict[str, Li
 
 def markdown(summary, labels, meta) -> str:
     lines = [
-        "# Mini-world benchmark",
+        "## Mini-world benchmark",
         "",
         f"Produced by `python tools/benchmark_miniworld.py {meta['argv']}` on {meta['date']} "
         f"({meta['seeds']} seed(s), {meta['iters']} iterations each, teacher `{meta['teacher']}`).",
@@ -120,6 +181,9 @@ def markdown(summary, labels, meta) -> str:
     for name, s in summary.items():
         cells = [f"{s[k][0]:.1f} ± {s[k][1]:.1f}" for k in KEYS]
         lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    if "zs_baseline" in summary and "c2s_full" in summary:
+        d = {k: summary["c2s_full"][k][0] - summary["zs_baseline"][k][0] for k in KEYS}
+        lines += ["", "Full C2S minus the baseline: " + ", ".join(f"{k} {d[k]:+.1f}" for k in KEYS)]
     lines += ["", "![mini-world benchmark](benchmark_miniworld.png)", ""]
     return "\n".join(lines)
 
@@ -151,16 +215,44 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: config's)")
     p.add_argument("--quick", action="store_true", help="1 seed, 150 iterations (<= 10 min)")
-    p.add_argument("--teacher", default=DEFAULT_TEACHER, help="tiny CLIP checkpoint of the teacher")
-    p.add_argument("--output", default=os.path.join(ROOT, "output", "benchmark_miniworld"))
-    p.add_argument("--markdown", default=os.path.join(ROOT, "docs", "BENCHMARKS_MINIWORLD.md"))
-    p.add_argument("--chart", default=os.path.join(ROOT, "docs", "benchmark_miniworld.png"))
+    p.add_argument(
+        "--teacher",
+        default=None,
+        help="CLIP checkpoint of the teacher (default: the configs' shipped mini-world CLIP; "
+        "'' for random weights)",
+    )
+    p.add_argument("--teacher-model", default=None, help="its open_clip architecture name")
+    p.add_argument("--output", default=None, help="default: output/benchmark_miniworld[_quick]")
+    p.add_argument("--markdown", default=None, help="default: docs/BENCHMARKS.md (section)")
+    p.add_argument("--chart", default=None, help="default: docs/benchmark_miniworld.png")
     p.add_argument("--json", default=None)
+    p.add_argument(
+        "--jobs", type=int, default=None, help="runs at a time (default 1; --quick: up to 4 CPUs)"
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch CPU threads per run (default: 1 when --jobs > 1, else torch's default)",
+    )
+    p.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help="only these (default: all): " + " ".join(n for n, _, _ in TRAINED + EVAL_ONLY),
+    )
+    p.add_argument("--device", default="", help="MODEL.DEVICE of every run, e.g. cuda")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="extra config overrides")
     args = p.parse_args(argv)
     if args.quick:
         args.seeds = args.seeds[:1]
         args.iters = args.iters or 150
+        args.jobs = args.jobs or min(4, os.cpu_count() or 1)
+    args.jobs = args.jobs or 1
+    where = os.path.join(ROOT, "output", "benchmark_miniworld_quick") if args.quick else None
+    args.output = args.output or where or os.path.join(ROOT, "output", "benchmark_miniworld")
+    args.markdown = args.markdown or os.path.join(where or DOCS, "BENCHMARKS.md")
+    args.chart = args.chart or os.path.join(where or DOCS, "benchmark_miniworld.png")
     if args.teacher and not os.path.isfile(args.teacher):
         print(
             f"benchmark_miniworld.py: error: teacher weights not found: {args.teacher} "
@@ -168,31 +260,58 @@ def main(argv: Optional[List[str]] = None) -> int:
             file=sys.stderr,
         )
         return 2
-    opts = ["MODEL.CLIP.PRETRAINED", args.teacher, *args.opts]
+    opts = []
+    if args.teacher is not None:
+        opts += ["MODEL.CLIP.PRETRAINED", args.teacher]
+    if args.teacher_model:
+        opts += ["MODEL.CLIP.MODEL_NAME", args.teacher_model]
+    opts += args.opts
     if args.iters:
         opts += ["SOLVER.MAX_ITER", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters)]
+    if args.device:
+        opts += ["MODEL.DEVICE", args.device]
     labels = {n: label for n, _, label in TRAINED + EVAL_ONLY}
-    runs: Dict[str, List[Dict[str, float]]] = {n: [] for n in labels}
-    for seed in args.seeds:
-        print(f"seed {seed}")
-        for name, config, _ in TRAINED:
-            runs[name].append(run_variant(name, config, seed, opts, args.output))
-        base_w = os.path.join(args.output, "zs_baseline", f"seed{seed}", "model_final.pth")
-        for name, config, _ in EVAL_ONLY:
-            runs[name].append(run_variant(name, config, seed, opts, args.output, base_w))
+    unknown = sorted(set(args.variants or []) - set(labels))
+    if unknown:
+        p.error(f"unknown variant(s) {unknown}; known: {list(labels)}")
+    wanted = set(args.variants or labels)
+    if wanted & {n for n, _, _ in EVAL_ONLY}:
+        wanted.add("zs_baseline")  # two-stage and teacher-dense read the baseline's run
+    labels = {n: label for n, label in labels.items() if n in wanted}
+    threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else 0)
+
+    def one(task):
+        name, config, seed, weights = task
+        return run_variant(name, config, seed, opts, args.output, weights, threads)
+
+    # trained variants first (any order, ``--jobs`` at a time), then the evaluations that read
+    # the baseline's weights; results are collected in (variant, seed) order whatever the order
+    trained = [(n, c, s, None) for s in args.seeds for n, c, _ in TRAINED if n in labels]
+    evals = [
+        (n, c, s, os.path.join(args.output, "zs_baseline", f"seed{s}", "model_final.pth"))
+        for s in args.seeds
+        for n, c, _ in EVAL_ONLY
+        if n in labels
+    ]
+    results: Dict[tuple, Dict[str, float]] = {}
+    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+        for phase in (trained, evals):
+            for task, metrics in zip(phase, pool.map(one, phase)):
+                results[(task[0], task[2])] = metrics
+    runs: Dict[str, List[Dict[str, float]]] = {
+        n: [results[(n, s)] for s in args.seeds] for n in labels
+    }
     summary = summarise(runs)
     meta = {
         "argv": " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "seeds": len(args.seeds),
         "iters": args.iters or "config",
-        "teacher": os.path.relpath(args.teacher, ROOT) if args.teacher else "random",
+        "teacher": teacher_label(args.teacher, args.teacher_model),
     }
     print("\n" + markdown(summary, labels, meta))
     if args.markdown:
-        os.makedirs(os.path.dirname(args.markdown), exist_ok=True)
-        with open(args.markdown, "w") as f:
-            f.write(markdown(summary, labels, meta))
+        write_section(args.markdown, markdown(summary, labels, meta), args.chart)
     if args.chart:
         bar_chart(summary, labels, args.chart)
     if args.json:

@@ -5,6 +5,9 @@ This module and its siblings in ``c2s_d2.modeling.clip`` are the only code that 
 Weights (``pretrained``) come from one of:
 
 * an open_clip pretrained tag (``"openai"``, ``"laion2b_s34b_b88k"``): downloaded by open_clip;
+* a tag of weights shipped with this package (``SHIPPED_WEIGHTS``), e.g. ``"miniworld"`` for
+  ``C2S-Tiny-Text32``: the tiny CLIP that tools/pretrain_miniworld_clip.py trained on the
+  mini-world, the teacher of ``make run``;
 * a local checkpoint file (any value with a path separator or a ``.pt/.pth/.bin/.safetensors``
   suffix), in open_clip's state-dict format;
 * ``""``: random weights, deterministic given ``random_init_seed`` (tests, the mini-world);
@@ -39,6 +42,11 @@ logger = logging.getLogger(__name__)
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 HF_HUB_PREFIX = "hf-hub:"
 CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+SHIPPED_WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# (model name, tag) -> file in SHIPPED_WEIGHTS_DIR, in open_clip's state-dict format
+SHIPPED_WEIGHTS: Dict[Tuple[str, str], str] = {
+    ("C2S-Tiny-Text32", "miniworld"): "C2S-Tiny-Text32_miniworld.pt",
+}
 
 _registered_config_paths: Set[str] = set()
 
@@ -123,16 +131,37 @@ def is_checkpoint_path(pretrained: str) -> bool:
     return any(s in pretrained for s in seps) or pretrained.lower().endswith(CHECKPOINT_SUFFIXES)
 
 
+def shipped_weights_file(model_name: str, pretrained: str) -> Optional[str]:
+    """The packaged checkpoint of ``(model_name, pretrained)``, or None when it is not one."""
+    name = SHIPPED_WEIGHTS.get((model_name, pretrained))
+    if name is None:
+        return None
+    path = SHIPPED_WEIGHTS_DIR / name
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"shipped CLIP weights {model_name}/{pretrained} missing: {path} (reinstall c2s-d2, "
+            f"or recreate them with tools/pretrain_miniworld_clip.py --model {model_name})"
+        )
+    return str(path)
+
+
 def weights_identity(pretrained: str, seed: int = 0, model_name: str = "") -> str:
     """A string naming the weights, for cache keys.
 
     ``"tag:<tag>"``, ``"file:<abs path>:<size>:<mtime_ns>"`` (so a rewritten checkpoint changes
-    it), ``"random:<seed>"``, or ``"hf-hub"`` for hub models (their name already says it).
+    it), ``"shipped:<tag>:<sha256 prefix>"``, ``"random:<seed>"``, or ``"hf-hub"`` for hub models
+    (their name already says it).
     """
     if model_name.startswith(HF_HUB_PREFIX):
         return "hf-hub"
     if not pretrained:
         return f"random:{int(seed)}"
+    shipped = shipped_weights_file(model_name, pretrained)
+    if shipped is not None:
+        import hashlib
+
+        with open(shipped, "rb") as f:
+            return f"shipped:{pretrained}:{hashlib.sha256(f.read()).hexdigest()[:16]}"
     if is_checkpoint_path(pretrained):
         path = os.path.abspath(os.path.expanduser(pretrained))
         if not os.path.isfile(path):
@@ -188,6 +217,9 @@ def _resolve(model_name: str, pretrained: str, config_files: Sequence[str]) -> _
     quick_gelu = bool(model_cfg.get("quick_gelu", False))
     if not pretrained:
         return _ResolvedModel(model_cfg, None, quick_gelu)
+    shipped = shipped_weights_file(model_name, pretrained)
+    if shipped is not None:
+        return _ResolvedModel(model_cfg, shipped, quick_gelu)
     if is_checkpoint_path(pretrained):
         path = os.path.expanduser(pretrained)
         if not os.path.isfile(path):
@@ -196,6 +228,7 @@ def _resolve(model_name: str, pretrained: str, config_files: Sequence[str]) -> _
     tag_cfg = open_clip.get_pretrained_cfg(model_name.replace("/", "-"), pretrained)
     if not tag_cfg:
         tags = open_clip.list_pretrained_tags_by_model(model_name.replace("/", "-"))
+        tags += [t for m, t in SHIPPED_WEIGHTS if m == model_name]
         raise ValueError(
             f"unknown open_clip pretrained tag {pretrained!r} for model {model_name!r} "
             f"(known tags: {tags}); give a tag, a checkpoint file path, or '' for random weights"
