@@ -30,12 +30,15 @@ def test_smallest_mode_writes_table_and_chart(tmp_path):
         PYTHONPATH=ROOT,
     )
     md, chart, js = tmp_path / "B.md", tmp_path / "b.png", tmp_path / "b.json"
+    md.write_text("# Benchmarks\n\nother sections stay\n")
     cmd = [sys.executable, "tools/benchmark_miniworld.py", "--seeds", "0", "--iters", "2",
            "--teacher", "", "--output", str(tmp_path / "out"), "--markdown", str(md),
            "--chart", str(chart), "--json", str(js), "--opts", *TINY]  # fmt: skip
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     table = md.read_text()
+    assert table.startswith("# Benchmarks\n\nother sections stay\n")
+    assert table.count("<!-- benchmark_miniworld:begin -->") == 1
     for label in ("zero-shot baseline", "full C2S", "teacher-only dense", "two-stage"):
         assert label in table
     assert chart.stat().st_size > 1000
@@ -47,3 +50,15 @@ def test_smallest_mode_writes_table_and_chart(tmp_path):
     # a second call reads every run back from disk instead of training again
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.count("cached") == 7
+    # the section is replaced, not appended again
+    again = md.read_text()
+    assert again.count("<!-- benchmark_miniworld:begin -->") == 1 and "other sections" in again
+    # --variants: a subset (two-stage pulls in the baseline it evaluates), read back from disk
+    n = len(TINY) + 1  # "--opts" and the overrides stay last
+    sub = [*cmd[:-n], "--variants", "two_stage", *cmd[-n:]]
+    proc = subprocess.run(sub, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert set(json.loads(js.read_text())["summary"]) == {"zs_baseline", "two_stage"}
+    bad = subprocess.run([*cmd[:2], "--variants", "nope"], cwd=ROOT, env=env,
+                         capture_output=True, text=True)  # fmt: skip
+    assert bad.returncode == 2 and "unknown variant" in bad.stderr
