@@ -133,13 +133,13 @@ def test_quick_run_writes_a_loadable_checkpoint_and_a_report(tiny_miniworld):
 
     stored = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
     assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
-    model = build_open_clip("C2S-Tiny", out)
+    model = build_open_clip("C2S-Tiny-Text32", out)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v.float()) for k, v in stored.items())
-    random_init = build_open_clip("C2S-Tiny", "", random_init_seed=0).state_dict()
+    random_init = build_open_clip("C2S-Tiny-Text32", "", random_init_seed=0).state_dict()
     assert not torch.allclose(loaded["visual.proj"], random_init["visual.proj"])
-    text_tower = build_open_clip("C2S-Tiny", out, text_only=True)
-    tokens = get_tokenizer("C2S-Tiny")(["a photo of moss."])
+    text_tower = build_open_clip("C2S-Tiny-Text32", out, text_only=True)
+    tokens = get_tokenizer("C2S-Tiny-Text32")(["a photo of moss."])
     assert torch.allclose(text_tower.encode_text(tokens), model.encode_text(tokens), atol=1e-5)
     global_emb, dense = ClipTeacher(model, input_size=128)(torch.rand(1, 3, 128, 128) * 255)
     assert global_emb.shape == (1, 64) and dense.shape == (1, 64, 16, 16)

@@ -339,14 +339,20 @@ def report_path(checkpoint: str) -> str:
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--output", default="output/miniworld_clip/clip_tiny.pt", help="a .pt file")
+    p.add_argument(
+        "--output",
+        default="output/miniworld_clip/C2S-Tiny-Text32_miniworld.pt",
+        help="a .pt file (the shipped teacher is c2s_d2/modeling/clip/weights/<this name>)",
+    )
     p.add_argument("--quick", action="store_true", help="about a minute: few steps, small data")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--minutes", type=float, default=18.0, help="stop training after this long")
     p.add_argument("--steps", type=int, help="training steps (default: by mode)")
     p.add_argument("--batch-size", type=int, help="default: by mode")
     p.add_argument("--eval-per-material", type=int, help="default: by mode")
-    p.add_argument("--model", default="C2S-Tiny", help="open_clip architecture name")
+    p.add_argument(
+        "--model", default="C2S-Tiny-Text32", help="open_clip architecture name (shipped: this)"
+    )
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
     p.add_argument("--dense-weight", type=float, default=1.0, help="pooled dense loss weight")
