@@ -122,6 +122,14 @@ def run_variant(
     return metrics
 
 
+def configs_max_iter() -> str:
+    """SOLVER.MAX_ITER of the mini-world configs (what runs use without ``--iters``)."""
+    import yaml
+
+    with open(os.path.join(CONFIGS, "Base-MiniWorld.yaml")) as f:
+        return str(yaml.safe_load(f)["SOLVER"]["MAX_ITER"])
+
+
 def teacher_label(teacher: Optional[str], model: Optional[str]) -> str:
     if teacher is None:
         return "the configs' (shipped mini-world CLIP)"
@@ -306,7 +314,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "argv": " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
         "seeds": len(args.seeds),
-        "iters": args.iters or "config",
+        "iters": args.iters or configs_max_iter(),
         "teacher": teacher_label(args.teacher, args.teacher_model),
     }
     print("\n" + markdown(summary, labels, meta))
