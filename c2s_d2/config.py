@@ -14,6 +14,7 @@ def add_c2s_config(cfg: CN) -> None:
     cfg.INPUT.COLOR_AUG_SSD = False
     cfg.INPUT.SIZE_DIVISIBILITY = -1
     # "inductive": unseen pixels are ignored (255) and unseen names never reach training.
+    # "inductive_strict": besides, every training image that contains an unseen pixel is dropped.
     cfg.DATASETS.ZERO_SHOT_SETTING = "inductive"
 
     # ---------------------------------------------------------------- solver
@@ -76,6 +77,9 @@ def add_c2s_config(cfg: CN) -> None:
     # open_clip pretrained tag ("openai", "laion2b_s34b_b88k"), a local checkpoint file, or ""
     # for random weights (seeded by RANDOM_INIT_SEED; for tests and the mini-world).
     clip.PRETRAINED = "openai"
+    # Activation: "auto" (from the tag, the file or the architecture; a plain state dict of e.g.
+    # ViT-B-16 is refused as ambiguous), "true" (QuickGELU: OpenAI's weights) or "false" (GELU).
+    clip.QUICK_GELU = "auto"
     clip.RANDOM_INIT_SEED = 0
     # Extra open_clip architecture JSON files to register (tiny models). Relative paths are
     # resolved against the package's model_configs/ folder first.
@@ -84,6 +88,7 @@ def add_c2s_config(cfg: CN) -> None:
     clip.TEXT_TEMPLATES = "short"
     # Folder for the text-embedding cache ("" -> $C2S_CACHE or ~/.cache/c2s_d2).
     clip.TEXT_EMBED_CACHE_DIR = ""
+    clip.TEXT_BATCH_SIZE = 256  # prompts per text-encoder forward (run on MODEL.DEVICE)
 
     # ---------------------------------------------------------------- distillation (C2S)
     cfg.MODEL.C2S.DISTILL = CN()
@@ -109,6 +114,11 @@ def add_c2s_config(cfg: CN) -> None:
     d.PSEUDO_MASK.KMEANS_ITERS = 10
     d.PSEUDO_MASK.SPATIAL_WEIGHT = 0.0
     d.PSEUDO_MASK.MIN_AREA = 16  # in teacher-grid cells
+    # seen/latent filter: "calibrated" (a pseudo region is seen-like when its best seen-text cosine
+    # reaches the SEEN_QUANTILE quantile of the labelled seen segments' best cosines in the step,
+    # EMA-smoothed: works at any CLIP scale) or "absolute" (compare with SEEN_THRESHOLD)
+    d.PSEUDO_MASK.SEEN_FILTER = "calibrated"
+    d.PSEUDO_MASK.SEEN_QUANTILE = 0.25
     d.PSEUDO_MASK.SEEN_THRESHOLD = 0.9
     # k >= 2 clusters must reach this mean silhouette to beat one cluster; k-means++ restarts
     d.PSEUDO_MASK.MIN_SILHOUETTE = 0.25
@@ -118,6 +128,8 @@ def add_c2s_config(cfg: CN) -> None:
     d.LATENT.ENABLED = False
     d.LATENT.NUM_CLASSES = 8  # K_LATENT
     d.LATENT.MOMENTUM = 0.99
+    # re-seed a latent slot that received no region for this many steps (0: never)
+    d.LATENT.RESEED_AFTER = 100
     d.LATENT.CLASS_WEIGHT = 1.0
     # latent vocabulary: "imagenet" (torchvision's names, unseen names removed) or a file path, "" = none
     d.LATENT.VOCABULARY = "imagenet"

@@ -15,7 +15,10 @@ Output::
     VOCdevkit/VOC2012/annotations_detectron2/{train_aug,val}.txt     the split lists
 
 The train-aug split (10,582 images) is ``trainaug.txt`` (or ``train_aug.txt``) if present, else
-every ``SegmentationClassAug`` stem; val images are always removed from it. A label is read from
+every ``SegmentationClassAug`` stem; val images are always removed from it. The list comes in
+either of DeepLab's two formats: one image stem per line (``2007_000032``), or two columns
+(``/JPEGImages/2007_000032.jpg /SegmentationClassAug/2007_000032.png``; the stem of the first
+column is used); any other line is refused with its file and line number. A label is read from
 ``SegmentationClass`` when the image has one there, else from ``SegmentationClassAug``; palette
 PNGs are read by palette index, never by colour. Background (raw 0) becomes 255 (not a class),
 raw 1..20 become 0..19, raw 255 (object boundaries) stays 255. The split list of a split is
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 from typing import List, Optional, Sequence
 
@@ -49,11 +53,50 @@ logger = logging.getLogger("c2s_d2.prepare")
 VOC_DIR = os.path.join("VOCdevkit", "VOC2012")
 OUT_DIR = "annotations_detectron2"
 TRAIN_AUG_LISTS = ("trainaug.txt", "train_aug.txt")
+_STEM = re.compile(r"[A-Za-z0-9_-]+")
 
 
 def voc_class_names() -> List[str]:
     """The 20 class names in class-id order."""
     return [c["name"] for c in load_class_json("voc")["classes"]]
+
+
+def _train_aug_line_stem(fields: List[str]) -> Optional[str]:
+    """The image stem of one list line split into fields, or None if it is in neither format."""
+    if len(fields) == 1:
+        return fields[0] if _STEM.fullmatch(fields[0]) else None
+    if len(fields) == 2:
+        stem, image_ext = os.path.splitext(os.path.basename(fields[0]))
+        label_stem, label_ext = os.path.splitext(os.path.basename(fields[1]))
+        ok_ext = image_ext.lower() == ".jpg" and label_ext.lower() == ".png"
+        if _STEM.fullmatch(stem) and stem == label_stem and ok_ext:
+            return stem
+    return None
+
+
+def read_train_aug_list(path: str) -> List[str]:
+    """Image stems of a train-aug list in either DeepLab format (see the module docstring).
+
+    Raises ``PrepareError`` naming the file and line number of the first line in neither format.
+    """
+    stems = []
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            fields = line.split()
+            if not fields:
+                continue
+            stem = _train_aug_line_stem(fields)
+            if stem is None:
+                shown = line.strip()
+                shown = shown if len(shown) <= 80 else shown[:77] + "..."
+                raise PrepareError(
+                    f"{path}, line {number}: {shown!r} is neither an image stem ('2007_000032') "
+                    "nor two columns '/JPEGImages/<stem>.jpg /SegmentationClassAug/<stem>.png'"
+                )
+            stems.append(stem)
+    if not stems:
+        raise PrepareError(f"split list is empty: {path}")
+    return stems
 
 
 def train_aug_stems(voc: str, val_stems: Sequence[str]) -> List[str]:
@@ -62,7 +105,7 @@ def train_aug_stems(voc: str, val_stems: Sequence[str]) -> List[str]:
     aug_dir = os.path.join(voc, "SegmentationClassAug")
     for name in TRAIN_AUG_LISTS:
         if os.path.isfile(os.path.join(list_dir, name)):
-            stems = read_split_list(os.path.join(list_dir, name))
+            stems = read_train_aug_list(os.path.join(list_dir, name))
             break
     else:
         require_dir(

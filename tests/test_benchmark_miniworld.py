@@ -24,7 +24,7 @@ def test_smallest_mode_writes_table_and_chart(tmp_path):
     env = dict(
         os.environ,
         DETECTRON2_DATASETS=str(tmp_path / "datasets"),
-        C2S_MINIWORLD_NUM_TRAIN="6",
+        C2S_MINIWORLD_NUM_TRAIN="10",
         C2S_MINIWORLD_NUM_VAL="2",
         C2S_CACHE=str(tmp_path / "cache"),
         PYTHONPATH=ROOT,
@@ -44,12 +44,32 @@ def test_smallest_mode_writes_table_and_chart(tmp_path):
     assert chart.stat().st_size > 1000
     summary = json.loads(js.read_text())["summary"]
     assert set(summary) == {"zs_baseline", "c2s_global", "c2s_local", "c2s_local_nolatent",
-                            "c2s_full", "teacher_dense", "two_stage"}  # fmt: skip
+                            "c2s_full", "zs_baseline_strict", "c2s_full_strict",
+                            "teacher_dense", "two_stage"}  # fmt: skip
     for s in summary.values():
         assert s["mIoU-seen"][2] == 1  # one seed each
+    assert "paired by seed" in table and "| 0 |" in table  # per-seed paired differences
+    runs = json.loads(js.read_text())["runs"]
+    d = runs["c2s_full"]["0"]["hIoU"] - runs["zs_baseline"]["0"]["hIoU"]
+    assert f"{d:+.1f}" in table
+    # every run is keyed: code, config, teacher, dataset; runs trained deterministically
+    key = json.loads((tmp_path / "out" / "c2s_full" / "seed0" / "run_key.json").read_text())
+    assert set(key) >= {"code", "config", "opts", "teacher", "dataset"}
+    assert key["teacher"] == "random-weights" and key["dataset"]["generator_version"] >= 2
+    log = (tmp_path / "out" / "c2s_full" / "seed0" / "benchmark.log").read_text()
+    assert "deterministic=True" in log
+    # the latent variants report the seen filter's statistics (from metrics.json)
+    assert "seen_filter_rejected_pct" in runs["c2s_full"]["0"]
     # a second call reads every run back from disk instead of training again
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0 and proc.stdout.count("cached") == 7
+    assert proc.returncode == 0 and proc.stdout.count("cached") == 9
+    # a run whose key differs (here: another code version) is stale: rerun, not read back
+    key_file = tmp_path / "out" / "c2s_global" / "seed0" / "run_key.json"
+    key_file.write_text(json.dumps(dict(json.loads(key_file.read_text()), code="old")))
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "c2s_global seed 0: stale (code): rerun" in proc.stdout
+    assert proc.stdout.count("cached") == 8
     # the section is replaced, not appended again
     again = md.read_text()
     assert again.count("<!-- benchmark_miniworld:begin -->") == 1 and "other sections" in again

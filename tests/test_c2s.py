@@ -72,6 +72,16 @@ def test_training_step_of_every_variant(world, variant):
     torch.manual_seed(0)
     cfg = make_cfg(variant)
     model = build_model(cfg).train()
+    fed = []  # how many latent regions each call gives the latent memory
+    memory = getattr(getattr(model, "distiller", None), "latent_memory", None)
+    if memory is not None:
+        update_and_assign = memory.update_and_assign
+
+        def counting_update_and_assign(regions, **kwargs):
+            fed.append(regions.shape[0])
+            return update_and_assign(regions, **kwargs)
+
+        memory.update_and_assign = counting_update_and_assign
     losses = model(batch(cfg))
     d = cfg.MODEL.C2S.DISTILL
     assert ("loss_global_distill" in losses) == (d.ENABLED and d.GLOBAL.ENABLED)
@@ -88,7 +98,8 @@ def test_training_step_of_every_variant(world, variant):
         assert any(n.startswith("distiller.global_proj") for n in grads)
         assert any(n.startswith("query_decoder.global_feat") for n in grads)
     if d.ENABLED and d.LATENT.ENABLED:
-        assert int(model.distiller.latent_memory.counts.sum()) >= 0  # memory exists and is a buffer
+        # one call per step; from an empty memory every region it was given is counted once
+        assert len(fed) == 1 and int(model.distiller.latent_memory.counts.sum()) == fed[0]
         assert "distiller.latent_memory.prototypes" in model.state_dict()
     # the teacher is never part of the model's weights
     assert not any("teacher" in k or "visual" in k for k in model.state_dict())

@@ -75,7 +75,13 @@ def test_memory_is_deterministic_and_checkpointed():
 
     a, b = run(), run()
     assert torch.equal(a.prototypes, b.prototypes) and torch.equal(a.counts, b.counts)
-    assert set(a.state_dict()) == {"prototypes", "counts", "initialized"}
+    assert set(a.state_dict()) == {
+        "prototypes",
+        "counts",
+        "initialized",
+        "idle_steps",
+        "reseeds",
+    }
     c = LatentClassMemory(num_classes=4, dim=8)
     c.load_state_dict(a.state_dict())
     x = torch.randn(5, 8, generator=torch.Generator().manual_seed(1))

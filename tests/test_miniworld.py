@@ -98,7 +98,8 @@ def test_labels_captions_and_coverage(small_world):
             assert image.shape == (64, 64, 3) and label.shape == (64, 64)
             ids = set(np.unique(label).tolist())
             assert ids <= set(range(16)) | {255}
-            assert 0 < (label == 255).mean() < 0.12  # a thin unlabelled border band
+            # borders + clutter/blur blobs (10-25 % of the frame, module docstring)
+            assert mw.UNLABELLED_SHARE[0] <= (label == 255).mean() < mw.UNLABELLED_SHARE[1] + 0.12
             present = ids - {255}
             assert 2 <= len(present) <= 6
             assert sorted(_caption_names(caption)) == sorted(C[i] for i in present)
@@ -252,3 +253,25 @@ def test_materials_are_distinct_by_texture():
         fa, fb = feats[C.index(a), :, 6:], feats[C.index(b), :, 6:]
         z = np.abs(fa.mean(0) - fb.mean(0)) / np.sqrt(fa.var(0) / 40 + fb.var(0) / 40)
         assert z.max() > 5, (a, b, z)
+
+
+def test_unlabelled_area_is_clutter_and_blur_not_only_unseen_material():
+    # 255 covers borders, clutter and blur; the blobs lie over seen materials too (so 255 does
+    # not locate the unseen materials) and their share stays within UNLABELLED_SHARE
+    over_seen = over_unseen = 0
+    for i in range(12):
+        image, label, present, parts = mw.render_scene_with_parts(0, "train", i, 64)
+        plain_image, plain_label, plain_present = mw.render_scene(0, "train", i, 64)
+        assert np.array_equal(image, plain_image) and np.array_equal(label, plain_label)
+        assert present == plain_present
+        blobs = parts["clutter"] | parts["blur"]
+        assert not (parts["clutter"] & parts["blur"]).any()
+        unlabelled = blobs | parts["border"]
+        assert np.array_equal(label == 255, unlabelled)
+        assert np.array_equal(label[~unlabelled], parts["materials"][~unlabelled])
+        assert mw.UNLABELLED_SHARE[0] - 0.01 <= blobs.mean() <= mw.UNLABELLED_SHARE[1] + 0.01
+        assert parts["clutter"].any() and parts["blur"].any()  # both kinds in every scene
+        unseen = np.isin(parts["materials"][blobs], mw.MINIWORLD_UNSEEN_IDS)
+        over_unseen += int(unseen.sum())
+        over_seen += int((~unseen).sum())
+    assert over_seen > over_unseen > 0  # most clutter/blur lies over seen materials

@@ -1,6 +1,7 @@
 """Tests of tools/pretrain_miniworld_clip.py: the loss, the encoders, the data, one tiny run."""
 
 import importlib.util
+import hashlib
 import json
 import math
 import os
@@ -104,7 +105,45 @@ def tiny_miniworld(tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "datasets"))
     monkeypatch.setenv("C2S_MINIWORLD_NUM_TRAIN", "16")
     monkeypatch.setenv("C2S_MINIWORLD_NUM_VAL", "4")
+    monkeypatch.setenv("C2S_MINIWORLD_TEACHER_NUM_TRAIN", "16")
     return tmp_path
+
+
+def _image_digests(records):
+    return {
+        hashlib.sha256(pretrain.read_image(r["file_name"]).tobytes()).hexdigest() for r in records
+    }
+
+
+def test_teacher_pretrains_on_its_own_scenes_disjoint_from_the_students(tiny_miniworld):
+    from detectron2.data import DatasetCatalog
+
+    from c2s_d2.data.datasets.register_miniworld import TEACHER_DATA_SEED, teacher_data_params
+
+    from c2s_d2.data.datasets.register_miniworld import miniworld_params_from_env
+
+    assert teacher_data_params()["seed"] == TEACHER_DATA_SEED != miniworld_params_from_env()["seed"]
+    bank = pretrain.SceneBank()
+    teacher_records = DatasetCatalog.get(pretrain.TEACHER_DATASET)
+    assert len(bank.images) == len(teacher_records) == 16
+    assert all("miniworld_teacher" in r["file_name"] for r in teacher_records)
+    student = DatasetCatalog.get("c2s_miniworld_train_all") + DatasetCatalog.get(
+        "c2s_miniworld_val"
+    )
+    assert all("miniworld_teacher" not in r["file_name"] for r in student)
+    teacher_digests = {hashlib.sha256(im.tobytes()).hexdigest() for im in bank.images}
+    assert len(teacher_digests) == 16
+    assert not teacher_digests & _image_digests(student)
+
+
+def test_student_seed_equal_to_the_teachers_is_refused(tiny_miniworld, monkeypatch):
+    from detectron2.data import DatasetCatalog
+
+    from c2s_d2.data.datasets.register_miniworld import TEACHER_DATA_SEED
+
+    monkeypatch.setenv("C2S_MINIWORLD_SEED", str(TEACHER_DATA_SEED))
+    with pytest.raises(ValueError, match="teacher's pretraining scenes"):
+        DatasetCatalog.get("c2s_miniworld_train")
 
 
 def test_training_is_deterministic_given_the_seed(tiny_miniworld):

@@ -152,7 +152,8 @@ def test_ignored_cells_from_labels():
     label[2:, 2:] = 1
     cells = ignored_cells_from_labels(label, (2, 2))
     assert cells.tolist() == [[False, True], [True, False]]
-    assert ignored_cells_from_labels(label[None], (2, 2)).shape == (1, 2, 2)
+    batched = ignored_cells_from_labels(label[None], (2, 2))
+    assert batched.tolist() == [[[False, True], [True, False]]]
 
 
 def test_score_regions_by_best_seen_similarity():

@@ -7,8 +7,15 @@
     python tools/benchmark_miniworld.py --seeds 0 1 --iters 500 --teacher PATH
 
 Variants: the zero-shot baseline, global only, local only, local without latent classes and
-full C2S (trained), plus teacher-only dense and two-stage (evaluated; two-stage uses the
-baseline's student). All use the same CLIP (the teacher) for the text side, so the only
+full C2S (trained), the baseline and full C2S in the strict inductive setting (training images
+holding an unseen pixel dropped), plus teacher-only dense and two-stage (evaluated; two-stage
+uses the baseline's student). The baseline and full C2S run over ``--main-seeds`` (default 5
+seeds), the other variants over ``--seeds`` (default 3).
+
+No stale results: every run folder holds ``run_key.json`` (a fingerprint of the package's code,
+``train_net.py`` and the mini-world configs; the config and overrides; the teacher's weights;
+the dataset's generator version and parameters). A finished run is read back only when its key
+equals the current one; a stale run is deleted and rerun. Runs train with ``--deterministic``. All use the same CLIP (the teacher) for the text side, so the only
 difference is distillation: by default the configs' teacher, the tiny CLIP pretrained on the
 mini-world that ships with the package (``C2S-Tiny-Text32`` + ``miniworld``); ``--teacher PATH``
 uses another checkpoint, ``--teacher ''`` random weights. Each run's metrics are read back from
@@ -20,9 +27,12 @@ chart (``--chart``) and JSON (``--json``). ``--quick`` writes under ``output/`` 
 from __future__ import annotations
 
 import argparse
+import glob
+import hashlib
 import json
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -32,18 +42,25 @@ from typing import Dict, List, Optional
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "miniworld")
+STRICT = ["DATASETS.ZERO_SHOT_SETTING", "inductive_strict"]
+# name, config, label, extra overrides
 TRAINED = [
-    ("zs_baseline", "zs_baseline_R18.yaml", "zero-shot baseline (no distillation)"),
-    ("c2s_global", "c2s_global_R18.yaml", "C2S global only"),
-    ("c2s_local", "c2s_local_R18.yaml", "C2S local only (with latent classes)"),
-    ("c2s_local_nolatent", "c2s_local_nolatent_R18.yaml", "C2S local only, no latent classes"),
-    ("c2s_full", "c2s_full_R18.yaml", "full C2S"),
+    ("zs_baseline", "zs_baseline_R18.yaml", "zero-shot baseline (no distillation)", []),
+    ("c2s_global", "c2s_global_R18.yaml", "C2S global only", []),
+    ("c2s_local", "c2s_local_R18.yaml", "C2S local only (with latent classes)", []),
+    ("c2s_local_nolatent", "c2s_local_nolatent_R18.yaml", "C2S local only, no latent classes", []),
+    ("c2s_full", "c2s_full_R18.yaml", "full C2S", []),
+    ("zs_baseline_strict", "zs_baseline_R18.yaml", "zero-shot baseline, strict inductive", STRICT),
+    ("c2s_full_strict", "c2s_full_R18.yaml", "full C2S, strict inductive", STRICT),
 ]
+MAIN = ("zs_baseline", "c2s_full")  # the paired comparison: over --main-seeds
 EVAL_ONLY = [
-    ("teacher_dense", "teacher_dense.yaml", "teacher-only dense (MaskCLIP-style)"),
-    ("two_stage", "two_stage_R18.yaml", "two-stage (baseline student + teacher per mask)"),
+    ("teacher_dense", "teacher_dense.yaml", "teacher-only dense (MaskCLIP-style)", []),
+    ("two_stage", "two_stage_R18.yaml", "two-stage (baseline student + teacher per mask)", []),
 ]
+KEY_FILE = "run_key.json"
 KEYS = ("mIoU-seen", "mIoU-unseen", "hIoU", "mIoU")
+FILTER_KEYS = ("seen_filter_rejected_pct", "latent_reseeds")
 DOCS = os.path.join(ROOT, "docs")
 PROGRESS_EVERY_S = 60
 _ITER_RE = re.compile(r"(?:eta: (\S+)\s+)?iter: (\d+)")
@@ -77,6 +94,97 @@ def last_progress(log: str) -> str:
     return f"iter {int(it) + 1}" + (f", eta {eta}" if eta else "")
 
 
+def file_sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def code_fingerprint() -> str:
+    """sha256 over the package's code and data files, train_net.py and the mini-world configs."""
+    files = []
+    for pattern in ("c2s_d2/**/*.py", "c2s_d2/**/*.json", "c2s_d2/**/*.txt", "configs/**/*.yaml"):
+        files += glob.glob(os.path.join(ROOT, pattern), recursive=True)
+    files.append(os.path.join(ROOT, "train_net.py"))
+    h = hashlib.sha256()
+    for f in sorted(set(files)):
+        if "_zero_shot.json" in f:  # the teacher's report is not code
+            continue
+        h.update(os.path.relpath(f, ROOT).encode() + b"\0" + open(f, "rb").read() + b"\0")
+    return h.hexdigest()
+
+
+def teacher_fingerprint(opts: List[str]) -> str:
+    """sha256 of the teacher's weights file (the configs' shipped one unless overridden)."""
+    pretrained = "miniworld"
+    for k, v in zip(opts[::2], opts[1::2]):
+        if k == "MODEL.CLIP.PRETRAINED":
+            pretrained = v
+    if pretrained == "":
+        return "random-weights"
+    if pretrained == "miniworld":
+        pretrained = os.path.join(
+            ROOT, "c2s_d2", "modeling", "clip", "weights", "C2S-Tiny-Text32_miniworld.pt"
+        )
+    return file_sha256(pretrained) if os.path.isfile(pretrained) else f"missing:{pretrained}"
+
+
+def dataset_fingerprint() -> Dict:
+    with open(os.path.join(ROOT, "c2s_d2", "data", "miniworld.py")) as f:
+        version = re.search(r"^GENERATOR_VERSION = (\d+)", f.read(), re.M).group(1)
+    env = {k: v for k, v in sorted(os.environ.items()) if k.startswith("C2S_MINIWORLD_")}
+    return {"generator_version": int(version), "env": env}
+
+
+def run_key(config: str, opts: List[str], weights: Optional[str], code: str) -> Dict:
+    return {
+        "code": code,
+        "config": config,
+        "config_sha256": file_sha256(os.path.join(CONFIGS, config)),
+        "opts": list(opts),
+        "teacher": teacher_fingerprint(opts),
+        "dataset": dataset_fingerprint(),
+        "eval_weights": file_sha256(weights) if weights and os.path.isfile(weights) else weights,
+    }
+
+
+def read_key(out_dir: str) -> Optional[Dict]:
+    try:
+        with open(os.path.join(out_dir, KEY_FILE)) as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def read_filter_stats(out_dir: str) -> Optional[Dict[str, float]]:
+    """Seen-filter and latent-memory statistics of a training run (its metrics.json)."""
+    path = os.path.join(out_dir, "metrics.json")
+    regions = rejected = 0.0
+    last = {}
+    try:
+        with open(path) as f:
+            for line in f:
+                try:
+                    rec = json.loads(line)
+                except ValueError:
+                    continue
+                if "c2s/pseudo_regions" in rec:
+                    regions += rec["c2s/pseudo_regions"]
+                    rejected += rec.get("c2s/seen_filter_rejected", 0.0)
+                    last = rec
+    except OSError:
+        return None
+    if not last:
+        return None
+    return {
+        "seen_filter_rejected_pct": 100.0 * rejected / regions if regions else float("nan"),
+        "seen_filter_threshold": last.get("c2s/seen_filter_threshold", float("nan")),
+        "latent_reseeds": last.get("c2s/latent_reseeds", float("nan")),
+    }
+
+
 def run_train_net(args: List[str], log: str, threads: int = 0, label: str = "run") -> None:
     cmd = [sys.executable, os.path.join(ROOT, "train_net.py"), *args]
     env = dict(os.environ)
@@ -97,15 +205,23 @@ def run_train_net(args: List[str], log: str, threads: int = 0, label: str = "run
 
 
 def run_variant(
-    name, config, seed, opts, out_root, eval_only_weights=None, threads=0
+    name, config, seed, opts, out_root, eval_only_weights=None, threads=0, code=""
 ) -> Dict[str, float]:
     out = os.path.join(out_root, name, f"seed{seed}")
+    key = run_key(config, [*opts, "SEED", str(seed)], eval_only_weights, code)
+    stored = read_key(out)
+    if os.path.isdir(out) and stored != key:
+        why = "no key" if stored is None else ", ".join(k for k in key if stored.get(k) != key[k])
+        print(f"  {name} seed {seed}: stale ({why}): rerun", flush=True)
+        shutil.rmtree(out)
     cached = read_metrics(out)
     if cached is not None:
         print(f"  {name} seed {seed}: cached")
-        return cached
+        return dict(cached, **(read_filter_stats(out) or {}))
     os.makedirs(out, exist_ok=True)
-    args = ["--config-file", os.path.join(CONFIGS, config)]
+    with open(os.path.join(out, KEY_FILE), "w") as f:
+        json.dump(key, f, indent=1)
+    args = ["--config-file", os.path.join(CONFIGS, config), "--deterministic"]
     if eval_only_weights is not None:
         args.append("--eval-only")
     args += [*opts, "SEED", str(seed), "OUTPUT_DIR", out]
@@ -119,7 +235,7 @@ def run_variant(
     if metrics is None:
         raise RuntimeError(f"{name} seed {seed}: no metrics written under {out}")
     print(f"  {name} seed {seed}: {time.time() - start:.0f} s  " + fmt_row(metrics))
-    return metrics
+    return dict(metrics, **(read_filter_stats(out) or {}))
 
 
 def configs_max_iter() -> str:
@@ -161,37 +277,78 @@ def fmt_row(m: Dict[str, float]) -> str:
     return "  ".join(f"{k} {m.get(k, float('nan')):.1f}" for k in KEYS)
 
 
-def summarise(runs: Dict[str, List[Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
+def summarise(runs: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[str, List[float]]]:
     """Per variant and metric: [mean, std (0 for one seed), n]."""
     out = {}
-    for name, ms in runs.items():
+    for name, by_seed in runs.items():
         out[name] = {}
-        for k in KEYS:
-            vals = [m[k] for m in ms if m.get(k) is not None]
+        for k in KEYS + FILTER_KEYS:
+            vals = [m[k] for m in by_seed.values() if m.get(k) is not None]
+            vals = [v for v in vals if v == v]  # NaN: not measured
+            if not vals and k in FILTER_KEYS:
+                continue
             mean = statistics.fmean(vals) if vals else float("nan")
             std = statistics.stdev(vals) if len(vals) > 1 else 0.0
             out[name][k] = [mean, std, len(vals)]
     return out
 
 
-def markdown(summary, labels, meta) -> str:
+def paired_differences(runs) -> Dict[int, Dict[str, float]]:
+    """Full C2S minus the baseline, per seed both ran."""
+    if not all(n in runs for n in MAIN):
+        return {}
+    base, full = runs[MAIN[0]], runs[MAIN[1]]
+    return {s: {k: full[s][k] - base[s][k] for k in KEYS} for s in sorted(set(base) & set(full))}
+
+
+def markdown(summary, runs, labels, meta) -> str:
     lines = [
         "## Mini-world benchmark",
         "",
         f"Produced by `python tools/benchmark_miniworld.py {meta['argv']}` on {meta['date']} "
-        f"({meta['seeds']} seed(s), {meta['iters']} iterations each, teacher `{meta['teacher']}`).",
-        "Mean and standard deviation over seeds, in percent, on `c2s_miniworld_val` "
-        "(12 seen / 4 unseen materials).",
+        f"({meta['iters']} iterations each, teacher `{meta['teacher']}`, code fingerprint "
+        f"`{meta['code'][:12]}`, deterministic mode).",
+        "Mean ± standard deviation over seeds (n), in percent, on `c2s_miniworld_val` "
+        "(12 seen / 4 unseen materials). Seen filter: share of pseudo regions the calibrated "
+        "seen/latent filter found seen-like (left alone), over the training run.",
         "",
-        "| variant | mIoU-seen | mIoU-unseen | hIoU | mIoU |",
-        "|---|---|---|---|---|",
+        "| variant | seeds | mIoU-seen | mIoU-unseen | hIoU | mIoU | seen filter |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
         cells = [f"{s[k][0]:.1f} ± {s[k][1]:.1f}" for k in KEYS]
+        rate = s.get("seen_filter_rejected_pct")
+        rate_cell = f"{rate[0]:.1f} %" if rate else "-"
+        lines.append(
+            f"| {labels[name]} | {s[KEYS[0]][2]} | " + " | ".join(cells) + f" | {rate_cell} |"
+        )
+    lines += ["", "Per seed (mIoU-seen / mIoU-unseen / hIoU):", ""]
+    seeds = sorted({sd for by_seed in runs.values() for sd in by_seed})
+    lines += ["| variant | " + " | ".join(f"seed {sd}" for sd in seeds) + " |"]
+    lines += ["|---|" + "---|" * len(seeds)]
+    for name, by_seed in runs.items():
+        cells = []
+        for sd in seeds:
+            m = by_seed.get(sd)
+            cells.append(
+                "-"
+                if m is None
+                else " / ".join(f"{m[k]:.1f}" for k in ("mIoU-seen", "mIoU-unseen", "hIoU"))
+            )
         lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
-    if "zs_baseline" in summary and "c2s_full" in summary:
-        d = {k: summary["c2s_full"][k][0] - summary["zs_baseline"][k][0] for k in KEYS}
-        lines += ["", "Full C2S minus the baseline: " + ", ".join(f"{k} {d[k]:+.1f}" for k in KEYS)]
+    diffs = paired_differences(runs)
+    if diffs:
+        lines += ["", "Full C2S minus the baseline, paired by seed:", ""]
+        lines += ["| seed | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
+        for sd, d in diffs.items():
+            lines.append(f"| {sd} | " + " | ".join(f"{d[k]:+.1f}" for k in KEYS) + " |")
+        mean = {k: statistics.fmean(d[k] for d in diffs.values()) for k in KEYS}
+        wins = {k: sum(d[k] > 0 for d in diffs.values()) for k in KEYS}
+        lines.append(
+            "| mean (seeds better) | "
+            + " | ".join(f"{mean[k]:+.1f} ({wins[k]}/{len(diffs)})" for k in KEYS)
+            + " |"
+        )
     lines += ["", "![mini-world benchmark](benchmark_miniworld.png)", ""]
     return "\n".join(lines)
 
@@ -220,7 +377,14 @@ def bar_chart(summary, labels, path: str) -> None:
 
 def main(argv: Optional[List[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="default: 0 1 2")
+    p.add_argument(
+        "--main-seeds",
+        type=int,
+        nargs="+",
+        default=None,
+        help="seeds of the baseline and full C2S (default: 0 1 2 3 4, or --seeds if given)",
+    )
     p.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER (default: config's)")
     p.add_argument("--quick", action="store_true", help="1 seed, 150 iterations (<= 10 min)")
     p.add_argument(
@@ -247,13 +411,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--variants",
         nargs="+",
         default=None,
-        help="only these (default: all): " + " ".join(n for n, _, _ in TRAINED + EVAL_ONLY),
+        help="only these (default: all): " + " ".join(n for n, _, _, _ in TRAINED + EVAL_ONLY),
     )
     p.add_argument("--device", default="", help="MODEL.DEVICE of every run, e.g. cuda")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="extra config overrides")
     args = p.parse_args(argv)
+    if args.main_seeds is None:
+        args.main_seeds = args.seeds if args.seeds is not None else [0, 1, 2, 3, 4]
+    if args.seeds is None:
+        args.seeds = [0, 1, 2]
     if args.quick:
-        args.seeds = args.seeds[:1]
+        args.seeds, args.main_seeds = args.seeds[:1], args.main_seeds[:1]
         args.iters = args.iters or 150
         args.jobs = args.jobs or min(4, os.cpu_count() or 1)
     args.jobs = args.jobs or 1
@@ -278,48 +446,58 @@ def main(argv: Optional[List[str]] = None) -> int:
         opts += ["SOLVER.MAX_ITER", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters)]
     if args.device:
         opts += ["MODEL.DEVICE", args.device]
-    labels = {n: label for n, _, label in TRAINED + EVAL_ONLY}
+    labels = {n: label for n, _, label, _ in TRAINED + EVAL_ONLY}
     unknown = sorted(set(args.variants or []) - set(labels))
     if unknown:
         p.error(f"unknown variant(s) {unknown}; known: {list(labels)}")
     wanted = set(args.variants or labels)
-    if wanted & {n for n, _, _ in EVAL_ONLY}:
+    if wanted & {n for n, _, _, _ in EVAL_ONLY}:
         wanted.add("zs_baseline")  # two-stage and teacher-dense read the baseline's run
     labels = {n: label for n, label in labels.items() if n in wanted}
     threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else 0)
 
-    def one(task):
-        name, config, seed, weights = task
-        return run_variant(name, config, seed, opts, args.output, weights, threads)
+    code = code_fingerprint()
 
-    # trained variants first (any order, ``--jobs`` at a time), then the evaluations that read
-    # the baseline's weights; results are collected in (variant, seed) order whatever the order
-    trained = [(n, c, s, None) for s in args.seeds for n, c, _ in TRAINED if n in labels]
+    def one(task):
+        name, config, seed, weights, extra = task
+        return run_variant(name, config, seed, opts + extra, args.output, weights, threads, code)
+
+    def seeds_of(name: str) -> List[int]:
+        return args.main_seeds if name in MAIN else args.seeds
+
+    # trained variants first (``--jobs`` at a time; the paired comparison's first seeds first),
+    # then the evaluations that read the baseline's weights
+    trained = [(n, c, s, None, x) for n, c, _, x in TRAINED if n in labels for s in seeds_of(n)]
+    trained.sort(key=lambda t: (t[2] >= 3, t[0] not in MAIN, t[2]))
     evals = [
-        (n, c, s, os.path.join(args.output, "zs_baseline", f"seed{s}", "model_final.pth"))
-        for s in args.seeds
-        for n, c, _ in EVAL_ONLY
+        (n, c, s, os.path.join(args.output, "zs_baseline", f"seed{s}", "model_final.pth"), x)
+        for n, c, _, x in EVAL_ONLY
         if n in labels
+        for s in args.seeds
     ]
     results: Dict[tuple, Dict[str, float]] = {}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
         for phase in (trained, evals):
             for task, metrics in zip(phase, pool.map(one, phase)):
                 results[(task[0], task[2])] = metrics
-    runs: Dict[str, List[Dict[str, float]]] = {
-        n: [results[(n, s)] for s in args.seeds] for n in labels
+    runs: Dict[str, Dict[int, Dict[str, float]]] = {
+        n: {s: results[(n, s)] for s in sorted({t[2] for t in trained + evals if t[0] == n})}
+        for n in labels
     }
     summary = summarise(runs)
     meta = {
         "argv": " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
-        "seeds": len(args.seeds),
+        "seeds": args.seeds,
+        "main_seeds": args.main_seeds,
         "iters": args.iters or configs_max_iter(),
         "teacher": teacher_label(args.teacher, args.teacher_model),
+        "code": code,
     }
-    print("\n" + markdown(summary, labels, meta))
+    table = markdown(summary, runs, labels, meta)
+    print("\n" + table)
     if args.markdown:
-        write_section(args.markdown, markdown(summary, labels, meta), args.chart)
+        write_section(args.markdown, table, args.chart)
     if args.chart:
         bar_chart(summary, labels, args.chart)
     if args.json:

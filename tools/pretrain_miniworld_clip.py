@@ -4,7 +4,10 @@
     python tools/pretrain_miniworld_clip.py [--output PATH] [--quick] [--seed N] [--steps N] ...
 
 CLIP's contrastive training (symmetric InfoNCE, learnable temperature) on captions naming every
-material, seen and unseen, as web captions name everything: training scenes with their captions,
+material, seen and unseen, as web captions name everything. The teacher learns from its **own**
+scenes (``c2s_miniworld_teacher_train_all``: generated from another seed than the student's
+mini-world, so it never sees an image the student trains or is evaluated on): those scenes with
+their captions,
 scene crops captioned by the materials covering them (from the labels), and single-material
 patches with varied prompts. The teacher's MaskCLIP dense embeddings (value path of the last
 block), averaged over the image, meet the same loss, so that patch tokens carry the semantics.
@@ -42,6 +45,7 @@ import c2s_d2  # noqa: E402, F401  (registers the mini-world datasets)
 from c2s_d2.data.miniworld import IGNORE_LABEL, MINIWORLD_CLASSES  # noqa: E402
 from c2s_d2.data.miniworld import MINIWORLD_UNSEEN_IDS, NUM_MATERIALS  # noqa: E402
 from c2s_d2.data.miniworld import render_material_patch  # noqa: E402
+from c2s_d2.data.datasets.register_miniworld import TEACHER_DATASET  # noqa: E402
 from c2s_d2.evaluation.sem_seg_evaluator import compute_zero_shot_metrics  # noqa: E402
 from c2s_d2.modeling.clip.loader import build_open_clip, get_tokenizer  # noqa: E402
 from c2s_d2.modeling.clip.teacher import ClipTeacher, _value_path_block  # noqa: E402
@@ -73,9 +77,9 @@ def read_image(path: str, flags: int = cv2.IMREAD_COLOR) -> np.ndarray:
 
 
 class SceneBank:
-    """Training scenes of ``c2s_miniworld_train_all`` in memory: images, labels, captions."""
+    """The teacher's pretraining scenes in memory: images, labels, captions."""
 
-    def __init__(self, max_scenes: Optional[int] = None, dataset: str = "c2s_miniworld_train_all"):
+    def __init__(self, max_scenes: Optional[int] = None, dataset: str = TEACHER_DATASET):
         records = DatasetCatalog.get(dataset)[:max_scenes]  # generates the folder on first use
         # The records carry the paths in use (the metadata's paths were fixed at import time).
         image_dir = os.path.dirname(records[0]["file_name"])

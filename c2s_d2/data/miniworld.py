@@ -12,9 +12,18 @@ relatives in colour and in texture, so zero-shot transfer is meaningful.
 On disk (``root``, default ``$DETECTRON2_DATASETS/miniworld``)::
 
     images/{train,val}/<id>.png   RGB scenes
-    labels/{train,val}/<id>.png   uint8 material ids 0..15, 255 = 1-px unlabelled region borders
+    labels/{train,val}/<id>.png   uint8 material ids 0..15, 255 = unlabelled (see below)
     captions_{train,val}.json     {image_id: "a scene of grass, water and brick"}
     MANIFEST.json                 generation parameters and counts, written last
+
+**The unlabelled area (255)** is not only unseen material, as in real datasets: besides 1-px
+region borders, each scene leaves 10-25 % of its pixels unlabelled, as blobs of *clutter*
+(objects of unnamed materials: a random texture kind in a random two-colour palette, named in no
+class list and no caption) and of *blur* (a heavily blurred patch of the scene that an annotator
+would not label; it shows whatever material lies beneath, seen or unseen). In the inductive
+training set, unseen materials become 255 as well (the mapper's label LUT), so 255 does not
+locate the unseen materials: docs/BENCHMARKS.md gives the composition of the training set's
+ignored area.
 
 Every image comes from its own RNG seeded by ``(seed, split, index)``. Every file is written under
 a temporary name and renamed, so a killed generation never leaves a half-written file under a final
@@ -43,7 +52,8 @@ except ImportError:  # not POSIX: generation runs without an inter-process lock
 
 logger = logging.getLogger(__name__)
 
-GENERATOR_VERSION = 1
+# 2: unlabelled clutter and blurred areas (10-25 % of each scene) besides the 1-px borders
+GENERATOR_VERSION = 2
 IGNORE_LABEL = 255
 IMAGE_EXT = ".png"
 SPLITS = ("train", "val")
@@ -282,15 +292,52 @@ def caption_for(material_ids: List[int]) -> str:
     return f"a scene of {listed}"
 
 
+UNLABELLED_SHARE = (0.10, 0.25)  # share of each scene left unlabelled (clutter + blur)
+UNLABELLED_KINDS = ("clutter", "blur")
+_CLUTTER_TEXTURES = tuple(sorted({m.texture for m in MATERIALS}))
+
+
+def _unlabelled_blobs(rng: np.random.Generator, size: int) -> Tuple[np.ndarray, np.ndarray]:
+    """Blobs covering a share of the frame drawn from ``UNLABELLED_SHARE``.
+
+    Returns ``(blobs, clutter)``: bool (size, size) masks; ``clutter`` is the part of ``blobs``
+    painted with unnamed materials, the rest of ``blobs`` is blurred.
+    """
+    share = float(rng.uniform(*UNLABELLED_SHARE))
+    field = _fbm(rng, size, size / float(rng.uniform(2.5, 5.0)), 2)
+    blobs = field >= np.quantile(field, 1.0 - share)
+    split = _noise(rng, size, size / 2.0)
+    return blobs, blobs & (split >= np.median(split[blobs]) if blobs.any() else blobs)
+
+
+def _unnamed_material(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A full-frame texture of a material no class names: any texture kind, random colours."""
+    kind = _CLUTTER_TEXTURES[int(rng.integers(len(_CLUTTER_TEXTURES)))]
+    t = _texture(kind, rng, size, float(rng.uniform(3.0, 20.0)), float(rng.uniform(0, np.pi)))
+    a, b = rng.uniform(0, 255, 3).astype(np.float32), rng.uniform(0, 255, 3).astype(np.float32)
+    return a + (b - a) * t[..., None]
+
+
 def render_scene(
     seed: int, split: str, index: int, size: int = 128
 ) -> Tuple[np.ndarray, np.ndarray, List[int]]:
     """Render scene ``index`` of ``split`` from its own RNG.
 
     Returns ``(image, label, material_ids)``: image uint8 (size, size, 3) RGB, label uint8
-    (size, size) with material ids and 255 on region borders, and the materials present in
-    decreasing order of labelled area (the caption order).
+    (size, size) with material ids and 255 on region borders, clutter and blur (module
+    docstring), and the materials present in decreasing order of labelled area (the caption
+    order).
     """
+    image, label, present, _ = render_scene_with_parts(seed, split, index, size)
+    return image, label, present
+
+
+def render_scene_with_parts(
+    seed: int, split: str, index: int, size: int = 128
+) -> Tuple[np.ndarray, np.ndarray, List[int], Dict[str, np.ndarray]]:
+    """``render_scene`` plus the scene's hidden parts: ``parts["materials"]`` (uint8 (size, size),
+    the material under every pixel, before anything is unlabelled), and bool masks
+    ``parts["border"]``, ``parts["clutter"]``, ``parts["blur"]`` of the unlabelled area."""
     if split not in _SPLIT_CODE:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], int(index)])
@@ -298,6 +345,7 @@ def render_scene(
     regions = _layout(rng, size, len(materials))
     lut = np.asarray(materials, np.uint8)
     label = lut[regions]
+    underneath = label.copy()
     rgb = np.empty((size, size, 3), np.float32)
     for r, material_id in enumerate(materials):
         mask = regions == r
@@ -306,10 +354,22 @@ def render_scene(
     border = np.zeros((size, size), bool)
     border[:, :-1] |= regions[:, :-1] != regions[:, 1:]
     border[:-1, :] |= regions[:-1, :] != regions[1:, :]
-    label[border] = IGNORE_LABEL
-    counts = np.bincount(label[~border], minlength=NUM_MATERIALS)
+    # Unlabelled clutter (unnamed materials) and blur, like the void areas of real datasets.
+    blobs, clutter = _unlabelled_blobs(rng, size)
+    blurred = cv2.GaussianBlur(rgb, (0, 0), sigmaX=max(2.0, size / 24.0))
+    rgb = np.where((blobs & ~clutter)[..., None], blurred, rgb)
+    rgb = np.where(clutter[..., None], _unnamed_material(rng, size), rgb)
+    unlabelled = border | blobs
+    label[unlabelled] = IGNORE_LABEL
+    counts = np.bincount(label[~unlabelled], minlength=NUM_MATERIALS)
     present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
-    return _finish(rgb, rng), label, present
+    parts = {
+        "materials": underneath,
+        "border": border & ~blobs,
+        "clutter": clutter,
+        "blur": blobs & ~clutter,
+    }
+    return _finish(rgb, rng), label, present, parts
 
 
 # ------------------------------------------------------------------------------------ disk

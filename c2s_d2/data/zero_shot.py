@@ -28,6 +28,9 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 IGNORE_LABEL = 255
 EVALUATOR_TYPE = "c2s_sem_seg"
+# "inductive": unseen pixels become 255 and unseen names never reach training;
+# "inductive_strict": besides, training images holding any unseen pixel are dropped.
+ZERO_SHOT_SETTINGS = ("inductive", "inductive_strict")
 
 
 class DatasetNotPreparedError(FileNotFoundError):
@@ -179,3 +182,34 @@ def register_zero_shot_sem_seg(
             label_lut=build_label_lut(len(class_names), seen_ids).tolist(),
             **common,
         )
+
+
+def unseen_dataset_ids(label_lut: Sequence[int], num_dataset_classes: int) -> List[int]:
+    """Dataset ids that a training LUT sends to 255: the unseen classes."""
+    lut = np.asarray(label_lut)
+    return [i for i in range(int(num_dataset_classes)) if int(lut[i]) == IGNORE_LABEL]
+
+
+def _has_unseen_pixel(label_file: str, unseen: np.ndarray) -> bool:
+    import cv2
+
+    label = cv2.imread(label_file, cv2.IMREAD_UNCHANGED)
+    if label is None:
+        raise OSError(f"cannot read label file {label_file}")
+    return bool(np.isin(label, unseen).any())
+
+
+def drop_images_with_unseen_pixels(
+    records: List[Dict], unseen_ids: Sequence[int], num_threads: int = 4
+) -> List[Dict]:
+    """The strict inductive setting: keep only records whose label (dataset ids, as stored on
+    disk) holds no pixel of an unseen class. Reads every label once (threads)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    unseen = np.asarray(sorted(int(i) for i in unseen_ids), dtype=np.int64)
+    if unseen.size == 0:
+        return list(records)
+    files = [r["sem_seg_file_name"] for r in records]
+    with ThreadPoolExecutor(max_workers=max(1, int(num_threads))) as pool:
+        flags = list(pool.map(lambda f: _has_unseen_pixel(f, unseen), files))
+    return [r for r, bad in zip(records, flags) if not bad]

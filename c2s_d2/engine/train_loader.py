@@ -170,6 +170,34 @@ class ResumableTrainLoader:
         self.sampler.seed = int(state["seed"])
 
 
+def strict_inductive_records(records: List[Dict], train_names) -> List[Dict]:
+    """The strict inductive setting: drop every training image holding an unseen pixel."""
+    from detectron2.data import MetadataCatalog
+
+    from ..data.zero_shot import drop_images_with_unseen_pixels, unseen_dataset_ids
+
+    unseen = set()
+    for name in train_names:
+        meta = MetadataCatalog.get(name)
+        if meta.get("label_lut", None) is None:
+            raise ValueError(
+                f"DATASETS.ZERO_SHOT_SETTING 'inductive_strict': training dataset {name} has no "
+                "label_lut (not registered as a zero-shot training split)"
+            )
+        unseen |= set(unseen_dataset_ids(meta.label_lut, meta.num_dataset_classes))
+    kept = drop_images_with_unseen_pixels(records, sorted(unseen))
+    logger.info(
+        f"inductive_strict: {len(records) - len(kept)} of {len(records)} training images hold "
+        f"an unseen pixel and are dropped; {len(kept)} kept"
+    )
+    if not kept:
+        raise ValueError(
+            f"DATASETS.ZERO_SHOT_SETTING 'inductive_strict': every image of {list(train_names)} "
+            "holds an unseen pixel; nothing is left to train on"
+        )
+    return kept
+
+
 def build_resumable_train_loader(cfg, mapper: Callable[[Dict], Any]) -> ResumableTrainLoader:
     """:class:`ResumableTrainLoader` over ``cfg.DATASETS.TRAIN`` (seed: ``cfg.SEED``, or a
     random seed shared by all processes when it is negative)."""
@@ -181,6 +209,8 @@ def build_resumable_train_loader(cfg, mapper: Callable[[Dict], Any]) -> Resumabl
     records = get_detection_dataset_dicts(
         cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
     )
+    if cfg.DATASETS.ZERO_SHOT_SETTING == "inductive_strict":
+        records = strict_inductive_records(records, cfg.DATASETS.TRAIN)
     seed = cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
     return ResumableTrainLoader(
         records,

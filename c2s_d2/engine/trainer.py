@@ -5,10 +5,16 @@ Compared with ``DefaultTrainer`` it
   RNG states of every process and the data-order seed in each checkpoint;
 * restarts a :class:`ResumableTrainLoader` at the resumed iteration;
 * runs evaluation without moving the training RNG streams;
-* stops on a non-finite loss with a message naming the term and the iteration
-  (``SOLVER.CHECK_FINITE_LOSS``);
+* stops on a non-finite loss (``SOLVER.CHECK_FINITE_LOSS``) or matching cost with a message
+  naming the term and the iteration, on every process at once (one small all-reduce per step);
 * wraps CPU models in DistributedDataParallel without ``device_ids`` (detectron2 passes the
   local rank, which DDP refuses for CPU modules), so ``--num-gpus N`` runs on CPU with gloo.
+
+DDP is built without ``find_unused_parameters``: every parameter of a C2S model gets a gradient
+in every training step, whatever the config and the data (parts a config does not train, such as
+CLS queries without global distillation, are not built; tests/test_multiprocess.py checks each
+switch). A subclass whose model has data-dependent unused parameters overrides
+:meth:`ReliableTrainer.ddp_kwargs`.
 """
 
 from __future__ import annotations
@@ -82,7 +88,7 @@ class ReliableTrainer(DefaultTrainer):
         if on_cpu and comm.get_world_size() > 1:
             _refuse_gpu_only_norms(model)
         ddp_args = {"device_ids": None} if on_cpu else {}
-        model = create_ddp_model(model, broadcast_buffers=False, **ddp_args)
+        model = create_ddp_model(model, broadcast_buffers=False, **ddp_args, **self.ddp_kwargs(cfg))
         trainer_cls = AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer
         self._trainer = trainer_cls(model, data_loader, optimizer)
 
@@ -97,14 +103,19 @@ class ReliableTrainer(DefaultTrainer):
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
 
+    @classmethod
+    def ddp_kwargs(cls, cfg) -> Dict:
+        """Extra DistributedDataParallel arguments. None: every parameter gets a gradient in every
+        step (``find_unused_parameters`` would only add a graph traversal per step)."""
+        return {}
+
     def build_hooks(self) -> List[hooks.HookBase]:
         """DefaultTrainer's hooks, with our checkpoint and evaluation hooks and the loss check."""
         cfg = self.cfg
         replaced = (hooks.PeriodicCheckpointer, hooks.EvalHook)
         ret = [h for h in super().build_hooks() if not isinstance(h, replaced)]
-        ours: List[hooks.HookBase] = []
-        if cfg.SOLVER.CHECK_FINITE_LOSS:
-            ours.append(FiniteLossCheck())
+        # always installed: the matching cost is checked even when the losses are not
+        ours: List[hooks.HookBase] = [FiniteLossCheck(check_losses=cfg.SOLVER.CHECK_FINITE_LOSS)]
         ours.append(
             PeriodicCheckpointHook(self.checkpointer, cfg.SOLVER.CHECKPOINT_PERIOD, self.rng_states)
         )

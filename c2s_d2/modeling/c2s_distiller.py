@@ -4,9 +4,11 @@ Per training step (docs/METHOD.md):
 
 1. teacher forward on the batch: global image embeddings ``g_T`` and dense embeddings;
 2. global distillation: CLS-query outputs, projected to the CLIP space, pulled to ``g_T``;
-3. pseudo-masks from the ignored area (label 255) of each image, on the teacher grid;
-4. latent class mining: pseudo regions not explained by a seen class join the online memory of
-   latent prototypes; their latent text embeddings extend the class bank to [seen, latent];
+3. pseudo-masks from the ignored area (label 255) of each image, on the teacher grid; pixels
+   outside an image's true size (padding of the mapper or of the batch) are never ignored area;
+4. latent class mining: pseudo regions not explained by a seen class (the calibrated seen filter,
+   ``CalibratedSeenFilter``) join the online memory of latent prototypes; their latent text
+   embeddings extend the class bank to [seen, latent];
 5. segmentation loss with the extended bank (queries matched to latent regions get their latent
    class instead of "no object");
 6. local distillation: the class embedding of the query matched to each region (ground-truth
@@ -38,14 +40,33 @@ from .distillation.latent_vocabulary import (
 )
 from .distillation.losses import global_distillation_loss, local_distillation_loss
 from .distillation.pseudo_masks import (
+    CalibratedSeenFilter,
+    best_seen_similarity,
     ignored_cells_from_labels,
     pseudo_masks_from_ignored_area_batch,
-    score_regions,
 )
+
+PADDING_LABEL = -1  # pixels outside an image's true size: neither labelled nor ignored area
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["C2SDistiller"]
+
+
+def padded_semantic_labels(batched_inputs, size, device) -> torch.Tensor:
+    """``[B, H, W]`` int64 training labels of a batch on the padded canvas ``size``.
+
+    Pixels outside each image's true size get ``PADDING_LABEL`` (-1): the mapper's padding
+    (``unpadded_size`` of its output) and the batch's padding (beyond ``sem_seg``) are neither a
+    labelled area nor an ignored one, so no pseudo-mask, latent region or local pair forms there.
+    """
+    sem = torch.full((len(batched_inputs), *size), PADDING_LABEL, dtype=torch.long, device=device)
+    for i, x in enumerate(batched_inputs):
+        s = x["sem_seg"].to(device)
+        uh, uw = (int(v) for v in x.get("unpadded_size", s.shape[-2:]))
+        uh, uw = min(uh, s.shape[0], size[0]), min(uw, s.shape[1], size[1])
+        sem[i, :uh, :uw] = s[:uh, :uw]
+    return sem
 
 
 class C2SDistiller(nn.Module):
@@ -69,6 +90,9 @@ class C2SDistiller(nn.Module):
         latent_enabled: bool,
         num_latent: int,
         latent_momentum: float,
+        seen_filter: str = "calibrated",
+        seen_quantile: float = 0.25,
+        latent_reseed_after: int = 0,
         latent_class_weight: float,
         latent_text_args: Dict,
     ):
@@ -83,7 +107,12 @@ class C2SDistiller(nn.Module):
             local_weight: weight of L_loc (0 disables local distillation).
             use_gt_segments, use_pseudo_masks: which regions local distillation uses.
             pseudo_mask_args: keyword arguments of ``pseudo_masks_from_ignored_area_batch``.
-            seen_threshold: a pseudo region whose best seen-text cosine reaches this is not latent.
+            seen_threshold: with ``seen_filter="absolute"``, a pseudo region whose best seen-text
+                cosine reaches this is not latent.
+            seen_filter: "calibrated" (threshold = ``seen_quantile`` of the ground-truth seen
+                segments' best seen cosines, see ``CalibratedSeenFilter``) or "absolute".
+            seen_quantile: quantile of the calibrated filter.
+            latent_reseed_after: re-seed a latent slot idle for this many steps (0: never).
             latent_enabled: mine latent classes and extend the bank with their embeddings.
             num_latent: K_LATENT.
             latent_momentum: EMA momentum of the latent prototypes.
@@ -91,6 +120,12 @@ class C2SDistiller(nn.Module):
             latent_text_args: ``topk``, ``tau``, ``lam`` of ``latent_text_embeddings``.
         """
         super().__init__()
+        if latent_enabled and not use_pseudo_masks:
+            raise ValueError(
+                "MODEL.C2S.DISTILL.LATENT.ENABLED True needs MODEL.C2S.DISTILL.LOCAL."
+                "USE_PSEUDO_MASKS True: latent classes are mined from pseudo-masks (set "
+                "LATENT.ENABLED False for local distillation on ground-truth segments only)"
+            )
         self.teacher_factory = teacher_factory
         self.vocabulary_factory = vocabulary_factory
         self.global_weight = global_weight
@@ -106,8 +141,11 @@ class C2SDistiller(nn.Module):
         if global_weight > 0:
             self.global_proj = nn.Linear(hidden_dim, embed_dim)
         if latent_enabled:
-            self.latent_memory = LatentClassMemory(num_latent, embed_dim, latent_momentum)
+            self.latent_memory = LatentClassMemory(
+                num_latent, embed_dim, latent_momentum, latent_reseed_after
+            )
             self.mean_region_embedding = RunningMean(embed_dim)
+            self.seen_filter = CalibratedSeenFilter(seen_filter, seen_quantile, 0.9, seen_threshold)
         # not sub-modules: never in checkpoints, never moved by .to() (moved on use)
         self.__dict__["_teacher"] = None
         self.__dict__["_vocab_text"] = None
@@ -149,9 +187,12 @@ class C2SDistiller(nn.Module):
                 "n_init": pm.N_INIT,
             },
             "seen_threshold": pm.SEEN_THRESHOLD,
+            "seen_filter": pm.SEEN_FILTER,
+            "seen_quantile": pm.SEEN_QUANTILE,
             "latent_enabled": d.LATENT.ENABLED,
             "num_latent": d.LATENT.NUM_CLASSES,
             "latent_momentum": d.LATENT.MOMENTUM,
+            "latent_reseed_after": d.LATENT.RESEED_AFTER,
             "latent_class_weight": d.LATENT.CLASS_WEIGHT,
             "latent_text_args": {
                 "topk": d.LATENT.TOPK,
@@ -194,7 +235,9 @@ class C2SDistiller(nn.Module):
             losses["loss_global_distill"] = self.global_weight * loss
 
         seen_bank = model.train_bank
-        regions = self._pseudo_regions(batched_inputs, x.shape[-2:], dense, teacher, seen_bank)
+        regions = self._pseudo_regions(
+            batched_inputs, x.shape[-2:], dense, teacher, seen_bank, targets
+        )
         bank = seen_bank
         if self.latent_enabled:
             bank = torch.cat([seen_bank, self._latent_bank(seen_bank)], dim=0)
@@ -214,7 +257,9 @@ class C2SDistiller(nn.Module):
         return losses
 
     # ------------------------------------------------------------------ steps
-    def _pseudo_regions(self, batched_inputs, size, dense, teacher, seen_bank) -> List[Dict]:
+    def _pseudo_regions(
+        self, batched_inputs, size, dense, teacher, seen_bank, targets=None
+    ) -> List[Dict]:
         """Per image: pseudo masks on the grid [R, h, w], their teacher embeddings, latent ids."""
         b, _, h, w = dense.shape
         empty = {
@@ -224,31 +269,53 @@ class C2SDistiller(nn.Module):
         }
         if not (self.needs_regions and self.use_pseudo_masks or self.latent_enabled):
             return [dict(empty) for _ in range(b)]
-        sem = torch.full((b, *size), 255, dtype=torch.long, device=dense.device)
-        for i, x in enumerate(batched_inputs):
-            s = x["sem_seg"].to(dense.device)
-            sem[i, : s.shape[0], : s.shape[1]] = s
+        sem = padded_semantic_labels(batched_inputs, size, dense.device)
         ignored = ignored_cells_from_labels(sem, (h, w))
         masks = pseudo_masks_from_ignored_area_batch(dense, ignored, **self.pseudo_mask_args)
         embeds = teacher.region_embeddings(dense, masks)
-        out = []
-        for m, e in zip(masks, embeds):
-            latent = score_regions(e, seen_bank, self.seen_threshold)
-            out.append({"masks": m, "embeds": e, "is_latent": latent})
-        if self.latent_enabled:
-            # every process calls the memory once per step (it synchronises across processes)
-            all_latent = torch.cat([r["embeds"][r["is_latent"]] for r in out], dim=0)
-            self.mean_region_embedding.update(torch.cat([r["embeds"] for r in out], dim=0))
-            ids = self.latent_memory.update_and_assign(all_latent)
-            start = 0
-            for r in out:
-                n = int(r["is_latent"].sum())
-                r["latent"] = torch.full(
-                    (r["masks"].shape[0],), -1, dtype=torch.long, device=dense.device
-                )
-                r["latent"][r["is_latent"]] = ids[start : start + n].to(dense.device)
-                start += n
+        out = [{"masks": m, "embeds": e} for m, e in zip(masks, embeds)]
+        if not self.latent_enabled:
+            return out
+        # the seen filter's threshold, measured on this step's labelled seen segments
+        gt_best = dense.new_zeros(0)
+        if targets is not None:
+            gt_embeds = teacher.region_embeddings(dense, [t["masks"] for t in targets])
+            gt_best = best_seen_similarity(torch.cat(gt_embeds, dim=0), seen_bank)
+        self.seen_filter.calibrate(gt_best)
+        for r in out:
+            r["is_latent"] = self.seen_filter.is_latent(
+                best_seen_similarity(r["embeds"], seen_bank)
+            )
+        # every process calls the memory once per step (it synchronises across processes)
+        all_latent = torch.cat([r["embeds"][r["is_latent"]] for r in out], dim=0)
+        self.mean_region_embedding.update(torch.cat([r["embeds"] for r in out], dim=0))
+        ids = self.latent_memory.update_and_assign(all_latent)
+        start = 0
+        for r in out:
+            n = int(r["is_latent"].sum())
+            r["latent"] = torch.full(
+                (r["masks"].shape[0],), -1, dtype=torch.long, device=dense.device
+            )
+            r["latent"][r["is_latent"]] = ids[start : start + n].to(dense.device)
+            start += n
+        self._log_region_stats(out, gt_best)
         return out
+
+    def _log_region_stats(self, regions: List[Dict], gt_best: torch.Tensor) -> None:
+        """Seen-filter and latent-memory statistics in detectron2's event storage (metrics.json)."""
+        try:
+            from detectron2.utils.events import get_event_storage
+
+            storage = get_event_storage()
+        except (AssertionError, ImportError):  # outside a trainer (tests)
+            return
+        n = sum(int(r["masks"].shape[0]) for r in regions)
+        seen = sum(int((~r["is_latent"]).sum()) for r in regions)
+        storage.put_scalar("c2s/pseudo_regions", float(n), smoothing_hint=False)
+        storage.put_scalar("c2s/seen_filter_rejected", float(seen), smoothing_hint=False)
+        storage.put_scalar("c2s/seen_filter_threshold", float(self.seen_filter.threshold))
+        storage.put_scalar("c2s/latent_slots_filled", float(self.latent_memory.filled.sum()))
+        storage.put_scalar("c2s/latent_reseeds", float(self.latent_memory.reseeds))
 
     def _latent_bank(self, seen_bank: torch.Tensor) -> torch.Tensor:
         """Latent text embeddings [K, d] (zero rows for slots not filled yet)."""

@@ -11,6 +11,12 @@ The one-to-one assignment minimising the total cost is solved with
 
 ``HungarianMatcher.match_by_mask_cost`` matches pseudo-mask regions (which have no class) to
 queries left free by the main matching, by the mask terms alone (local distillation).
+
+A non-finite cost (NaN/inf predictions) raises :class:`NonFiniteError`. In training the
+trainer's collective check sets ``defer_non_finite``: the matcher then records the fault in
+``non_finite_reports``, solves with the non-finite entries replaced by a large finite cost, and
+lets the step reach the check, where every process stops together (a process that raised here
+alone would leave the others waiting in the step's collectives).
 """
 
 from __future__ import annotations
@@ -22,11 +28,14 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
+from ..utils.errors import NonFiniteError
 from .point_sampling import point_sample
 
 __all__ = ["batch_sigmoid_ce_cost", "batch_dice_cost", "HungarianMatcher"]
 
 Indices = Tuple[torch.Tensor, torch.Tensor]
+# stands for NaN/+inf (and -_HUGE for -inf) in a deferred non-finite cost: any assignment is valid
+_HUGE = 1e9
 
 
 def batch_sigmoid_ce_cost(inputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -103,6 +112,19 @@ class HungarianMatcher(nn.Module):
         self.cost_mask = float(cost_mask)
         self.cost_dice = float(cost_dice)
         self.num_points = int(num_points)
+        # set by the training loop's collective check (c2s_d2/engine/hooks.py); see the module doc
+        self.defer_non_finite = False
+        self.non_finite_reports: List[str] = []
+
+    def _finite_cost(self, cost: torch.Tensor, what: str, fault: str) -> torch.Tensor:
+        """``cost`` if finite; else raise :class:`NonFiniteError` or, when deferred, record
+        ``fault`` and return the cost with NaN/inf replaced by +-``_HUGE``."""
+        if bool(torch.isfinite(cost).all()):
+            return cost
+        if not self.defer_non_finite:
+            raise NonFiniteError(f"{what}: non-finite matching cost ({fault})")
+        self.non_finite_reports.append(fault)
+        return torch.nan_to_num(cost, nan=_HUGE, posinf=_HUGE, neginf=-_HUGE)
 
     def extra_repr(self) -> str:
         return (
@@ -188,12 +210,8 @@ class HungarianMatcher(nn.Module):
                     + self.cost_mask * cost_ce
                     + self.cost_dice * cost_dice
                 )
-                if not torch.isfinite(cost).all():
-                    raise FloatingPointError(
-                        f"HungarianMatcher: non-finite matching cost for image {b} "
-                        "(NaN/inf in pred_logits or pred_masks)"
-                    )
-                indices.append(_solve(cost))
+                fault = f"image {b}: NaN/inf in pred_logits or pred_masks"
+                indices.append(_solve(self._finite_cost(cost, "HungarianMatcher", fault)))
         return indices
 
     @torch.no_grad()
@@ -236,9 +254,8 @@ class HungarianMatcher(nn.Module):
         with torch.autocast(device_type=pred_masks.device.type, enabled=False):
             cost_ce, cost_dice = self.mask_costs(pred_masks[query_ids], region_masks)
             cost = w_mask * cost_ce + w_dice * cost_dice
-        if not torch.isfinite(cost).all():
-            raise FloatingPointError("match_by_mask_cost: non-finite cost (NaN/inf in pred_masks)")
-        rows, cols = _solve(cost)
+        fault = "pseudo-mask regions: NaN/inf in pred_masks"
+        rows, cols = _solve(self._finite_cost(cost, "match_by_mask_cost", fault))
         return query_ids.cpu()[rows], cols
 
 

@@ -9,7 +9,7 @@ classes in training mode, the evaluated dataset's classes (or any vocabulary giv
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 from torch import nn
 
+from ..data.class_names import compact_forms, expand_with_synonyms, synonym_groups
 from .c2s_distiller import C2SDistiller
 from .clip.teacher import build_teacher_from_cfg
 from .clip.text_encoder import text_embeddings_from_cfg
@@ -49,23 +50,34 @@ def class_text_names(dataset_name: str) -> List[List[str]]:
     return [list(t) for t in meta.get("text_names", [[c] for c in meta.stuff_classes])]
 
 
-def _norm(name: str) -> str:
-    return " ".join(name.lower().replace("-", " ").replace("_", " ").split())
-
-
 def check_inductive_split(train_names: Sequence[str], test_names: Sequence[str]) -> None:
     """Zero-shot integrity: no unseen class name of an evaluation set may be a training class.
 
-    Raises ``ValueError`` naming the offending dataset and class.
+    Names are compared by the shared normaliser (c2s_d2.data.class_names: case, separators,
+    closed compounds, plurals). An unseen class stands for its name, its ``text_names`` and the
+    synonyms of the synonym table entries it matches, except table synonyms that name a seen
+    class of the same evaluation set (that set labels them as different classes, e.g.
+    COCO-Stuff's "pavement" and "road"). A training class stands for its name and its
+    ``text_names``. Evaluation splits (``zero_shot_split == "eval"``) may not be trained on.
+
+    Raises ``ValueError`` naming the training dataset, the training name and the unseen class
+    (``dataset:class``).
     """
-    unseen: Dict[str, str] = {}
+    groups = synonym_groups()
+    unseen: Dict[str, Tuple[str, str]] = {}  # compact form -> ("dataset:class", origin)
     for name in test_names:
         meta = MetadataCatalog.get(name)
-        ids = meta.get("unseen_class_ids", [])
-        texts = meta.get("text_names", None) or [[c] for c in meta.get("stuff_classes", [])]
-        for i in ids:
-            for t in [meta.stuff_classes[i], *texts[i]]:
-                unseen[_norm(t)] = f"{name}:{meta.stuff_classes[i]}"
+        ids = set(int(i) for i in meta.get("unseen_class_ids", []))
+        if not ids:
+            continue
+        classes = meta.stuff_classes
+        texts = meta.get("text_names", None) or [[c] for c in classes]
+        seen = [n for k in range(len(classes)) if k not in ids for n in [classes[k], *texts[k]]]
+        seen_forms = expand_with_synonyms(seen, ())
+        for i in sorted(ids):
+            forms = expand_with_synonyms([classes[i], *texts[i]], groups, exclude=seen_forms)
+            for form, origin in forms.items():
+                unseen.setdefault(form, (f"{name}:{classes[i]}", origin))
     for name in train_names:
         meta = MetadataCatalog.get(name)
         if meta.get("zero_shot_split", "train") != "train":
@@ -73,13 +85,16 @@ def check_inductive_split(train_names: Sequence[str], test_names: Sequence[str])
                 f"zero-shot integrity: DATASETS.TRAIN has {name!r}, an evaluation split with "
                 "all classes; train on the matching '_train' dataset"
             )
-        for texts in class_text_names(name):
-            for t in texts:
-                if _norm(t) in unseen:
-                    raise ValueError(
-                        f"zero-shot integrity: training class name {t!r} of {name!r} is the unseen "
-                        f"class {unseen[_norm(t)]}"
-                    )
+        for cls, texts in zip(meta.get("stuff_classes", []), class_text_names(name)):
+            for t in [cls, *texts]:
+                for form in sorted(compact_forms(t)):
+                    if form in unseen:
+                        label, origin = unseen[form]
+                        raise ValueError(
+                            f"zero-shot integrity: training class name {t!r} of {name!r} is the "
+                            f"unseen class {label} (normalised {form!r}, matched through {origin}); "
+                            "remove it from the training set"
+                        )
 
 
 @META_ARCH_REGISTRY.register()
@@ -160,7 +175,29 @@ class C2SSegmentor(nn.Module):
 
         backbone = build_backbone(cfg)
         pixel_decoder = build_pixel_decoder(cfg, backbone.output_shape())
-        query_decoder = build_query_decoder(cfg, c.PIXEL_DECODER.CONV_DIM, c.PIXEL_DECODER.MASK_DIM)
+        shapes = backbone.output_shape()
+        used = getattr(pixel_decoder, "in_features", list(shapes))
+        idle = [f for f in shapes if shapes[f].stride > max(shapes[u].stride for u in used)]
+        if idle:  # their layers would get no gradient: an error under DDP
+            raise ValueError(
+                f"backbone features {idle} feed nothing (MODEL.C2S.PIXEL_DECODER.IN_FEATURES is "
+                f"{list(used)}): remove them from the backbone's MODEL.RESNETS.OUT_FEATURES"
+            )
+        # CLS queries only where global distillation trains them (C2SDistiller.uses_global_queries):
+        # a parameter without gradient stops multi-process (DDP) training
+        g = c.DISTILL.GLOBAL
+        trains_cls = c.DISTILL.ENABLED and g.ENABLED and g.WEIGHT > 0
+        if c.NUM_GLOBAL_QUERIES > 0 and not trains_cls:
+            logger.info(
+                f"MODEL.C2S.NUM_GLOBAL_QUERIES {c.NUM_GLOBAL_QUERIES}: no CLS query built, global "
+                "distillation is off (MODEL.C2S.DISTILL.ENABLED, DISTILL.GLOBAL.ENABLED/WEIGHT)"
+            )
+        query_decoder = build_query_decoder(
+            cfg,
+            c.PIXEL_DECODER.CONV_DIM,
+            c.PIXEL_DECODER.MASK_DIM,
+            c.NUM_GLOBAL_QUERIES if trains_cls else 0,
+        )
         # the same call as __init__ makes: its second run is a cache hit, not a second CLIP build
         embed_dim = int(encode_names(train_names).shape[-1])
         classifier = TextEmbeddingClassifier(

@@ -25,9 +25,17 @@ Query decoders of c2s-d2: ``forward(multi_scale, mask_features, num_global)`` re
 """
 
 
-def build_query_decoder(cfg, in_channels: int, mask_dim: int) -> nn.Module:
+def build_query_decoder(
+    cfg, in_channels: int, mask_dim: int, num_global_queries: Optional[int] = None
+) -> nn.Module:
+    """The decoder named by ``MODEL.C2S.TRANSFORMER_DECODER.NAME``.
+
+    ``num_global_queries`` (default: ``MODEL.C2S.NUM_GLOBAL_QUERIES``) is how many CLS queries to
+    build: the model passes 0 when nothing would train them (global distillation off).
+    """
     name = cfg.MODEL.C2S.TRANSFORMER_DECODER.NAME
-    return C2S_TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, mask_dim)
+    extra = {} if num_global_queries is None else {"num_global_queries": num_global_queries}
+    return C2S_TRANSFORMER_DECODER_REGISTRY.get(name)(cfg, in_channels, mask_dim, **extra)
 
 
 def sine_position_encoding(x: torch.Tensor, num_feats: int) -> torch.Tensor:
@@ -138,6 +146,8 @@ class C2SQueryDecoder(nn.Module):
             deep_supervision: return predictions of every layer in ``aux_outputs``.
         """
         super().__init__()
+        if dec_layers < 1:
+            raise ValueError(f"MODEL.C2S.DEC_LAYERS must be >= 1, got {dec_layers}")
         self.num_levels = 3
         self.nheads = nheads
         self.num_object_queries = num_object_queries
@@ -149,13 +159,15 @@ class C2SQueryDecoder(nn.Module):
             self.global_feat = nn.Embedding(num_global_queries, hidden_dim)
             self.global_pos = nn.Embedding(num_global_queries, hidden_dim)
         self.level_embed = nn.Embedding(self.num_levels, hidden_dim)
+        # layer i reads memory level i % 3: with fewer than 3 layers the last levels are never
+        # read, and projections built for them would get no gradient (an error under DDP)
         self.input_proj = nn.ModuleList(
             (
                 nn.Conv2d(in_channels, hidden_dim, 1)
                 if in_channels != hidden_dim or enforce_input_proj
                 else nn.Identity()
             )
-            for _ in range(self.num_levels)
+            for _ in range(min(dec_layers, self.num_levels))
         )
         self.layers = nn.ModuleList(
             DecoderLayer(hidden_dim, nheads, dim_feedforward, pre_norm) for _ in range(dec_layers)
@@ -199,6 +211,8 @@ class C2SQueryDecoder(nn.Module):
         memories, mem_pos, sizes = [], [], []
         for lvl, feat in enumerate(multi_scale[: self.num_levels]):
             sizes.append(feat.shape[-2:])
+            if lvl >= len(self.input_proj):
+                continue  # a level no layer reads (fewer than 3 layers): only its size is used
             pos = sine_position_encoding(feat, self.object_feat.embedding_dim // 2)
             mem = self.input_proj[lvl](feat) + self.level_embed.weight[lvl][None, :, None, None]
             memories.append(mem.flatten(2).transpose(1, 2))

@@ -223,6 +223,7 @@ def build_teacher_from_cfg(cfg) -> ClipTeacher:
         clip.PRETRAINED,
         random_init_seed=clip.RANDOM_INIT_SEED,
         config_files=tuple(clip.MODEL_CONFIG_FILES),
+        quick_gelu=clip.QUICK_GELU,
     )
     teacher = ClipTeacher(model, input_size=cfg.MODEL.C2S.DISTILL.TEACHER_INPUT_SIZE)
     logger.info("CLIP teacher %s, input short side %s", clip.MODEL_NAME, teacher.input_size)

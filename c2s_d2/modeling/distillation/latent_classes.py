@@ -6,7 +6,10 @@ runs an EMA k-means over the teacher embeddings of the latent regions (docs/METH
 * **fill**: empty slots take the first incoming regions, in slot order then region order;
 * **assign**: every other region joins its nearest filled prototype (cosine similarity);
 * **update**: ``p_k <- normalise(m * p_k + (1 - m) * mean of the normalised regions assigned to
-  k)``, for every prototype that received regions this step.
+  k)``, for every prototype that received regions this step;
+* **re-seed**: a slot that received no region for ``reseed_after`` steps (the first regions can
+  fill a slot with an outlier that never attracts anything) takes the region of this step that
+  is farthest from every prototype (lowest best cosine), so that no slot stays dead.
 
 Under ``torch.distributed`` every process feeds the regions gathered from all processes (rank
 order, then local order) through these steps, so all processes keep identical prototypes; the
@@ -81,13 +84,15 @@ class LatentClassMemory(nn.Module):
     ``counts [K]`` (regions absorbed per slot, 0 = empty) and ``initialized`` (all slots filled).
     """
 
-    def __init__(self, num_classes: int, dim: int, momentum: float = 0.99):
+    def __init__(self, num_classes: int, dim: int, momentum: float = 0.99, reseed_after: int = 0):
         """
         Args:
             num_classes: number of latent classes ``K_LATENT``
                 (``MODEL.C2S.DISTILL.LATENT.NUM_CLASSES``).
             dim: CLIP embedding size ``d``.
             momentum: EMA momentum ``m`` in ``[0, 1]`` (``MODEL.C2S.DISTILL.LATENT.MOMENTUM``).
+            reseed_after: re-seed a slot idle for this many steps (0: never;
+                ``MODEL.C2S.DISTILL.LATENT.RESEED_AFTER``).
         """
         super().__init__()
         if int(num_classes) < 1:
@@ -99,9 +104,15 @@ class LatentClassMemory(nn.Module):
         self.num_classes = int(num_classes)
         self.dim = int(dim)
         self.momentum = float(momentum)
+        if int(reseed_after) < 0:
+            raise ValueError(f"LATENT.RESEED_AFTER must be >= 0, got {reseed_after}")
+        self.reseed_after = int(reseed_after)
         self.register_buffer("prototypes", torch.zeros(self.num_classes, self.dim))
         self.register_buffer("counts", torch.zeros(self.num_classes, dtype=torch.int64))
         self.register_buffer("initialized", torch.tensor(False))
+        # steps since each slot last received a region; re-seeds done so far
+        self.register_buffer("idle_steps", torch.zeros(self.num_classes, dtype=torch.int64))
+        self.register_buffer("reseeds", torch.zeros((), dtype=torch.int64))
 
     @property
     def filled(self) -> torch.Tensor:
@@ -185,11 +196,39 @@ class LatentClassMemory(nn.Module):
         """
         r = self._normalised(regions)
         everyone = gather_from_all_processes(r) if synchronize else r
+        was_filled = self.filled.clone()
         used = self.fill_empty_slots(everyone)
+        hit = self.filled & ~was_filled
         rest = everyone[used:]
         if rest.shape[0] > 0:
-            self.update(rest, self.assign(rest))
+            assigned = self.assign(rest)
+            self.update(rest, assigned)
+            hit[assigned] = True
+        self.idle_steps.add_(1)
+        self.idle_steps[hit] = 0
+        if self.reseed_after > 0:
+            self.reseed_idle_slots(everyone)
         return self.assign(r)
+
+    @torch.no_grad()
+    def reseed_idle_slots(self, regions: torch.Tensor) -> int:
+        """Give each slot idle for ``reseed_after`` steps the region of ``regions [R, d]``
+        farthest from every prototype (one region per slot, ascending slot order); returns how
+        many slots were re-seeded."""
+        stale = torch.nonzero(self.filled & (self.idle_steps >= self.reseed_after)).flatten()
+        r = self._normalised(regions)
+        n = min(int(stale.numel()), int(r.shape[0]))
+        if n == 0:
+            return 0
+        with torch.autocast(device_type=r.device.type, enabled=False):
+            sims = r @ self.prototypes.t()
+        best = sims.masked_fill(~self.filled[None, :], -float("inf")).max(dim=1).values
+        far = torch.sort(best, stable=True).indices[:n]
+        self.prototypes[stale[:n]] = r[far]
+        self.counts[stale[:n]] = 1
+        self.idle_steps[stale[:n]] = 0
+        self.reseeds.add_(n)
+        return n
 
 
 class RunningMean(nn.Module):

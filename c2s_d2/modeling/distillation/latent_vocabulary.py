@@ -1,9 +1,10 @@
 """The latent vocabulary: generic concept names for latent text embeddings (docs/METHOD.md).
 
-Default: torchvision's 1000 ImageNet category names. In the inductive setting every name equal or
-related to an evaluation-unseen class must go before training. A vocabulary name is removed when,
-after normalisation (lower case, punctuation to spaces, each word made singular), for any
-*forbidden term*:
+Default: the 1000 ImageNet category names (torchvision's list, shipped as
+``c2s_d2/data/imagenet_classes.txt``). In the inductive setting every name equal or related to an
+evaluation-unseen class must go before training. A vocabulary name is removed when, after
+normalisation by the shared normaliser :mod:`c2s_d2.data.class_names` (case, accents, apostrophes
+and separators do not count, plurals are made singular), for any *forbidden term*:
 
 * **words**: the term equals the name or a run of its whole words, spaces ignored (so "tv
   monitor" == "tvmonitor", and "cat" removes "tiger cat" but not "catamaran");
@@ -21,17 +22,24 @@ Removal errs on the generous side: a few innocent names go too ("lawn mower" for
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import re
 from functools import lru_cache
 from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 from detectron2.data import MetadataCatalog
-from torchvision.models._meta import _IMAGENET_CATEGORIES
+
+from ...data.class_names import (
+    SYNONYM_FILE,
+    compact_forms,
+    load_synonym_table,
+    name_words,
+    normalize_name,
+    singular,
+)
 
 __all__ = [
+    "IMAGENET_CLASSES_FILE",
     "SYNONYM_FILE",
     "build_latent_vocabulary",
     "default_latent_vocabulary",
@@ -45,85 +53,50 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
-SYNONYM_FILE = os.path.join(
+# torchvision's ImageNet category names (torchvision.models._meta._IMAGENET_CATEGORIES, a private
+# name), one per line in class-index order, generated once and shipped with the package.
+IMAGENET_CLASSES_FILE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
     "data",
-    "latent_vocabulary_synonyms.json",
+    "imagenet_classes.txt",
 )
+_NUM_IMAGENET_CLASSES = 1000
 _MIN_COMPOUND_HEAD = 4
 _MIN_COMPOUND_MODIFIER = 3
 
 
-def _singular(word: str) -> str:
-    """A crude singular, applied to both sides of every comparison alike."""
-    if len(word) > 3 and word.endswith("ies"):
-        return word[:-3] + "y"
-    if len(word) > 3 and word.endswith(("ches", "shes", "xes", "sses")):
-        return word[:-2]
-    if len(word) > 2 and word.endswith("s") and not word.endswith(("ss", "us", "is")):
-        return word[:-1]
-    return word
-
-
-def normalize_name(name: str) -> Tuple[str, ...]:
-    """Words of a class name: lower case, apostrophes dropped, punctuation split, singular."""
-    text = re.sub(r"['\u2019]", "", name.lower())
-    return tuple(_singular(w) for w in re.split(r"[^0-9a-z]+", text) if w)
-
-
-def _compact(name: str) -> str:
-    return "".join(normalize_name(name))
-
-
-@lru_cache(maxsize=4)
-def _read_synonym_table(path: str) -> Dict[str, Dict[str, Tuple[str, ...]]]:
-    try:
-        with open(path, "r", encoding="utf-8") as f:
-            raw = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise ValueError(f"cannot read the latent-vocabulary synonym table {path}: {e}") from e
-    entries = raw.get("entries") if isinstance(raw, dict) else None
-    if not isinstance(entries, dict):
-        raise ValueError(f"{path}: expected an object with an 'entries' object")
-    table = {}
-    for key, entry in entries.items():
-        if not isinstance(entry, dict) or set(entry) - {"synonyms", "hyponyms"}:
-            raise ValueError(f"{path}: entry {key!r} must hold only 'synonyms' and 'hyponyms'")
-        lists = {k: entry.get(k, []) for k in ("synonyms", "hyponyms")}
-        for k, v in lists.items():
-            if not isinstance(v, list) or not all(isinstance(s, str) and s.strip() for s in v):
-                raise ValueError(f"{path}: entry {key!r}: '{k}' must be a list of names")
-        table[key] = {k: tuple(v) for k, v in lists.items()}
-    return table
-
-
-def load_synonym_table(path: Optional[str] = None) -> Dict[str, Dict[str, Tuple[str, ...]]]:
-    """The synonym table: ``{class name: {"synonyms": (...), "hyponyms": (...)}}``."""
-    return _read_synonym_table(os.path.abspath(path or SYNONYM_FILE))
+def _forms(names: Iterable[str]) -> Set[str]:
+    """Every compact form (c2s_d2.data.class_names.compact_forms) of every name."""
+    out: Set[str] = set()
+    for n in names:
+        out |= compact_forms(n)
+    return out
 
 
 def _forbidden_terms(
     excluded_names: Iterable[str], table: Dict[str, Dict[str, Tuple[str, ...]]]
 ) -> Tuple[Set[str], Tuple[str, ...], Set[str]]:
     """Compact forbidden terms: matched as words, as compound heads; hyponyms (exact)."""
-    words = {_compact(n) for n in excluded_names} - {""}
+    words = _forms(excluded_names)
     hyponyms: Set[str] = set()
     for key, entry in table.items():
-        group = {_compact(key)} | {_compact(s) for s in entry["synonyms"]}
+        group = _forms([key, *entry["synonyms"]])
         if group & words:
             words |= group
-            hyponyms |= {_compact(h) for h in entry["hyponyms"]}
+            hyponyms |= _forms(entry["hyponyms"])
     heads = tuple(sorted(t for t in words if len(t) >= _MIN_COMPOUND_HEAD))
     return words, heads, hyponyms
 
 
 def _is_forbidden(name: str, words: Set[str], heads: Tuple[str, ...], hyponyms: Set[str]) -> bool:
-    parts = normalize_name(name)
-    if "".join(parts) in hyponyms:
+    raw = name_words(name)
+    parts = tuple(singular(w) for w in raw)
+    if compact_forms(name) & hyponyms:
         return True
     for i in range(len(parts)):
         for j in range(i + 1, len(parts) + 1):
-            if "".join(parts[i:j]) in words:
+            # the run of words i..j-1 in both compact forms: last word singular, all singular
+            if {"".join(raw[i : j - 1]) + parts[j - 1], "".join(parts[i:j])} & words:
                 return True
     return any(
         p.endswith(t) and len(p) - len(t) >= _MIN_COMPOUND_MODIFIER for p in parts for t in heads
@@ -158,9 +131,30 @@ def filter_vocabulary(
     return kept, removed
 
 
-def imagenet_category_names() -> List[str]:
-    """torchvision's 1000 ImageNet category names, duplicates dropped, in index order."""
-    return list(dict.fromkeys(_IMAGENET_CATEGORIES))
+def imagenet_category_names(path: Optional[str] = None) -> List[str]:
+    """The 1000 ImageNet category names in class-index order (torchvision's list, all distinct).
+
+    Read from ``c2s_d2/data/imagenet_classes.txt`` (or ``path``): one name per line.
+    """
+    return list(_read_imagenet_classes(os.path.abspath(path or IMAGENET_CLASSES_FILE)))
+
+
+@lru_cache(maxsize=2)
+def _read_imagenet_classes(path: str) -> Tuple[str, ...]:
+    try:
+        with open(path, "r", encoding="utf-8") as f:
+            names = tuple(line.rstrip("\r\n") for line in f)
+    except OSError as e:
+        raise FileNotFoundError(f"ImageNet class list not readable: {path}: {e}") from e
+    for i, n in enumerate(names):
+        if not n.strip() or n != n.strip():
+            raise ValueError(f"{path}: line {i + 1} is empty or has surrounding spaces: {n!r}")
+    if len(names) != _NUM_IMAGENET_CLASSES or len(set(names)) != len(names):
+        raise ValueError(
+            f"{path}: expected {_NUM_IMAGENET_CLASSES} distinct names, one per line; got "
+            f"{len(names)} lines, {len(set(names))} distinct"
+        )
+    return names
 
 
 def default_latent_vocabulary(excluded_names: Iterable[str]) -> Tuple[List[str], List[str]]:

@@ -31,6 +31,9 @@ from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from .latent_classes import gather_from_all_processes
 
 __all__ = [
     "connected_components",
@@ -38,6 +41,8 @@ __all__ = [
     "pseudo_masks_from_ignored_area",
     "pseudo_masks_from_ignored_area_batch",
     "score_regions",
+    "best_seen_similarity",
+    "CalibratedSeenFilter",
 ]
 
 _EPS = 1e-6
@@ -48,13 +53,16 @@ def ignored_cells_from_labels(
 ) -> torch.Tensor:
     """Teacher-grid cells whose pixels are *all* ignored.
 
+    Padding is not an ignored area: callers mark pixels outside each image's true size with any
+    value other than ``ignore_label`` (the distiller uses -1), so they count as "not ignored".
+
     Args:
         sem_seg: ``[H, W]`` or ``[B, H, W]`` integer label map (training ids, ``ignore_label``).
         grid_size: ``(h, w)`` of the teacher grid.
 
     Returns:
-        ``[h, w]`` or ``[B, h, w]`` bool; a cell holding any labelled pixel is not ignored, so a
-        pseudo-mask upsampled to the image never covers a labelled pixel.
+        ``[h, w]`` or ``[B, h, w]`` bool; a cell holding any labelled (or padding) pixel is not
+        ignored, so a pseudo-mask upsampled to the image never covers a labelled pixel.
     """
     if sem_seg.dim() not in (2, 3):
         raise ValueError(f"sem_seg must be [H, W] or [B, H, W], got {tuple(sem_seg.shape)}")
@@ -360,6 +368,98 @@ def pseudo_masks_from_ignored_area(
         generator=generator,
         seed=seed,
     )[0]
+
+
+def best_seen_similarity(region_embeds: torch.Tensor, seen_text: torch.Tensor) -> torch.Tensor:
+    """``[R]`` best cosine similarity of each region embedding ``[R, d]`` to ``seen_text [S, d]``
+    (``-inf`` when ``S = 0``), in float32."""
+    if region_embeds.dim() != 2 or seen_text.dim() != 2:
+        raise ValueError(
+            "best_seen_similarity expects region_embeds [R, d] and seen_text [S, d], got "
+            f"{tuple(region_embeds.shape)} and {tuple(seen_text.shape)}"
+        )
+    if seen_text.shape[0] == 0 or region_embeds.shape[0] == 0:
+        return torch.full((region_embeds.shape[0],), -float("inf"), device=region_embeds.device)
+    if region_embeds.shape[1] != seen_text.shape[1]:
+        raise ValueError(
+            f"region embeddings of size {region_embeds.shape[1]} vs seen text embeddings of "
+            f"size {seen_text.shape[1]}"
+        )
+    r = F.normalize(region_embeds.float(), dim=-1, eps=_EPS)
+    t = F.normalize(seen_text.float().to(r.device), dim=-1, eps=_EPS)
+    with torch.autocast(device_type=r.device.type, enabled=False):
+        return (r @ t.t()).max(dim=1).values
+
+
+class CalibratedSeenFilter(nn.Module):
+    """The seen/latent filter, calibrated on the labelled seen segments (any CLIP scale).
+
+    Absolute image-text cosines depend on the CLIP model (about 0.2-0.35 for OpenAI's ViT-B/16,
+    0.5-0.8 for the mini-world's tiny CLIP), so a fixed threshold fires at one scale and never at
+    another. Here the threshold is measured on the same teacher, in the same step: it is the
+    ``quantile`` of the best seen-text cosines of the **ground-truth seen segments** of the batch
+    (gathered from all processes), smoothed over steps by an EMA (``momentum``). A pseudo region
+    is *seen-like* (an unlabelled seen object, left alone) when its best seen cosine reaches that
+    threshold, i.e. when it matches a seen class at least as well as ``1 - quantile`` of the
+    labelled seen segments match theirs; the others are latent. Only seen labels and seen names
+    are used. ``mode="absolute"`` compares with the fixed ``absolute_threshold`` instead.
+
+    Buffers (saved in checkpoints): ``threshold`` (the EMA), ``steps`` (calibrated steps),
+    ``regions`` / ``rejected`` (pseudo regions scored / found seen-like so far).
+    """
+
+    def __init__(
+        self,
+        mode: str = "calibrated",
+        quantile: float = 0.25,
+        momentum: float = 0.9,
+        absolute_threshold: float = 0.9,
+    ):
+        super().__init__()
+        if mode not in ("calibrated", "absolute"):
+            raise ValueError(
+                f"PSEUDO_MASK.SEEN_FILTER must be 'calibrated' or 'absolute', got {mode!r}"
+            )
+        if not 0.0 <= float(quantile) <= 1.0:
+            raise ValueError(f"PSEUDO_MASK.SEEN_QUANTILE must be in [0, 1], got {quantile}")
+        if not 0.0 <= float(momentum) < 1.0:
+            raise ValueError(f"seen-filter momentum must be in [0, 1), got {momentum}")
+        self.mode = mode
+        self.quantile = float(quantile)
+        self.momentum = float(momentum)
+        self.absolute_threshold = float(absolute_threshold)
+        self.register_buffer("threshold", torch.tensor(float("inf")))
+        self.register_buffer("steps", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("regions", torch.zeros((), dtype=torch.int64))
+        self.register_buffer("rejected", torch.zeros((), dtype=torch.int64))
+
+    @torch.no_grad()
+    def calibrate(self, gt_best_seen: torch.Tensor, synchronize: bool = True) -> float:
+        """Update the threshold with the best seen cosines ``[N]`` of this step's ground-truth
+        seen segments (every process must call this each step, even with ``N = 0``)."""
+        if self.mode == "absolute":
+            self.threshold.fill_(self.absolute_threshold)
+            return self.absolute_threshold
+        x = gt_best_seen.detach().float().reshape(-1, 1).to(self.threshold.device)
+        x = gather_from_all_processes(x) if synchronize else x
+        x = x[torch.isfinite(x)]
+        if x.numel() > 0:
+            q = torch.quantile(x.double(), self.quantile).to(self.threshold.dtype)
+            if int(self.steps) == 0:
+                self.threshold.copy_(q)
+            else:
+                self.threshold.mul_(self.momentum).add_((1 - self.momentum) * q)
+            self.steps.add_(1)
+        return float(self.threshold)
+
+    @torch.no_grad()
+    def is_latent(self, best_seen: torch.Tensor) -> torch.Tensor:
+        """``[R]`` bool: regions whose best seen cosine ``[R]`` stays below the threshold
+        (all regions before any calibration)."""
+        latent = best_seen.float() < self.threshold.to(best_seen.device)
+        self.regions.add_(int(latent.numel()))
+        self.rejected.add_(int((~latent).sum()))
+        return latent
 
 
 def score_regions(
