@@ -166,8 +166,8 @@ def test_unprepared_dataset_one_line_error(tmp_path, dataset, raw_only, missing)
     if raw_only:
         write_voc_fixture(datasets_root)
     proc = train_net(
-        ["--config-file", config_file(dataset), "--eval-only", "MODEL.WEIGHTS", "",
-         "OUTPUT_DIR", str(tmp_path / "output"), *OFFLINE],
+        ["--config-file", config_file(dataset), "--eval-only", "--allow-random-weights",
+         "MODEL.WEIGHTS", "", "OUTPUT_DIR", str(tmp_path / "output"), *OFFLINE],
         subprocess_env(datasets_root),
     )  # fmt: skip
     assert proc.returncode != 0

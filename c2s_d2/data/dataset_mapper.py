@@ -20,9 +20,14 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 from PIL import UnidentifiedImageError
 
-from .zero_shot import IGNORE_LABEL, apply_label_lut
+from .zero_shot import IGNORE_LABEL, ZERO_SHOT_SETTINGS, apply_label_lut
 
-__all__ = ["C2SSemanticDatasetMapper", "read_image_checked", "read_label_checked"]
+__all__ = [
+    "C2SSemanticDatasetMapper",
+    "check_label_size",
+    "read_image_checked",
+    "read_label_checked",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +51,27 @@ def read_label_checked(file_name: str) -> np.ndarray:
     return label
 
 
-class C2SSemanticDatasetMapper:
-    """Map a dataset dict to the student's training inputs.
+def check_label_size(file_name: str, image: np.ndarray, label_file: str, label: np.ndarray) -> None:
+    """Refuse a label [H, W] whose size differs from its image [H, W, 3], naming both files."""
+    if label.shape != image.shape[:2]:
+        raise ValueError(
+            f"image/label size mismatch: {file_name} is {image.shape[1]}x{image.shape[0]}, "
+            f"{label_file} is {label.shape[1]}x{label.shape[0]}"
+        )
 
-    Output keys: ``image`` (uint8 [3, H, W] in ``image_format``), ``sem_seg`` (long [H, W],
-    training ids, 255 ignore) and ``instances`` (``gt_classes`` [n], ``gt_masks`` [n, H, W]): one
-    instance per class present.
+
+class C2SSemanticDatasetMapper:
+    """Map a dataset dict to the student's training inputs, or (``is_train=False``) to its
+    evaluation inputs.
+
+    Training output keys: ``image`` (uint8 [3, H, W] in ``image_format``), ``sem_seg`` (long
+    [H, W], training ids, 255 ignore) and ``instances`` (``gt_classes`` [n], ``gt_masks``
+    [n, H, W]): one instance per class present.
+
+    Evaluation output: what detectron2's ``DatasetMapper(cfg, False)`` gives (``image`` resized to
+    ``INPUT.MIN_SIZE_TEST``, ``height`` / ``width`` of the file, ``sem_seg`` [H, W] dataset ids),
+    after the checks of training: unreadable or truncated files and a label whose size differs
+    from its image are errors naming the file.
     """
 
     @configurable
@@ -66,7 +86,7 @@ class C2SSemanticDatasetMapper:
     ):
         """
         Args:
-            is_train: training mode (the mapper is only used for training).
+            is_train: training mode; False: evaluation inputs (no label mapping, no padding).
             augmentations: detectron2 augmentations applied to image and label together.
             image_format: image format for ``read_image`` ("RGB" or "BGR").
             label_lut: int array of 256 entries mapping dataset ids to training ids
@@ -82,6 +102,15 @@ class C2SSemanticDatasetMapper:
 
     @classmethod
     def from_config(cls, cfg, is_train: bool = True) -> Dict:
+        if not is_train:  # detectron2's test-time resize; the evaluator maps the labels itself
+            return {
+                "is_train": False,
+                "augmentations": [
+                    T.ResizeShortestEdge(cfg.INPUT.MIN_SIZE_TEST, cfg.INPUT.MAX_SIZE_TEST, "choice")
+                ],
+                "image_format": cfg.INPUT.FORMAT,
+                "label_lut": None,
+            }
         augs = [
             T.ResizeShortestEdge(
                 cfg.INPUT.MIN_SIZE_TRAIN,
@@ -119,6 +148,8 @@ class C2SSemanticDatasetMapper:
         }
 
     def __call__(self, dataset_dict: Dict) -> Dict:
+        if not self.is_train:
+            return self._evaluation_inputs(dataset_dict)
         dataset_dict = copy.deepcopy(dataset_dict)
         file_name = dataset_dict["file_name"]
         image = read_image_checked(file_name, self.image_format)
@@ -126,11 +157,7 @@ class C2SSemanticDatasetMapper:
         if label_file is None:
             raise ValueError(f"image {file_name} has no label (sem_seg_file_name) in its record")
         label = read_label_checked(label_file)
-        if label.shape != image.shape[:2]:
-            raise ValueError(
-                f"image/label size mismatch: {file_name} is {image.shape[1]}x{image.shape[0]}, "
-                f"{label_file} is {label.shape[1]}x{label.shape[0]}"
-            )
+        check_label_size(file_name, image, label_file, label)
         if self.label_lut is not None:
             label = apply_label_lut(label, self.label_lut, label_file)
 
@@ -140,6 +167,8 @@ class C2SSemanticDatasetMapper:
 
         image_t = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         label_t = torch.as_tensor(label.astype(np.int64))
+        # the true size: padding below is not an ignored area (the distiller excludes it)
+        dataset_dict["unpadded_size"] = tuple(int(v) for v in image_t.shape[-2:])
         if self.size_divisibility > 0:
             h, w = image_t.shape[-2:]
             ph = (self.size_divisibility - h % self.size_divisibility) % self.size_divisibility
@@ -150,6 +179,31 @@ class C2SSemanticDatasetMapper:
         dataset_dict["image"] = image_t
         dataset_dict["sem_seg"] = label_t
         dataset_dict["instances"] = semantic_to_instances(label_t)
+        return dataset_dict
+
+    def _evaluation_inputs(self, dataset_dict: Dict) -> Dict:
+        dataset_dict = copy.deepcopy(dataset_dict)
+        file_name = dataset_dict["file_name"]
+        image = read_image_checked(file_name, self.image_format)
+        h, w = image.shape[:2]
+        if (dataset_dict.setdefault("height", h), dataset_dict.setdefault("width", w)) != (h, w):
+            raise ValueError(
+                f"image {file_name} is {w}x{h}, its dataset record says "
+                f"{dataset_dict['width']}x{dataset_dict['height']}"
+            )
+        # the evaluator reads the label again, from the catalog (as after detectron2's mapper)
+        label_file = dataset_dict.pop("sem_seg_file_name", None)
+        label = None
+        if label_file is not None:
+            label = read_label_checked(label_file)
+            check_label_size(file_name, image, label_file, label)
+        aug_input = T.AugInput(image, sem_seg=label)
+        self.augmentations(aug_input)
+        dataset_dict["image"] = torch.as_tensor(
+            np.ascontiguousarray(aug_input.image.transpose(2, 0, 1))
+        )
+        if label is not None:
+            dataset_dict["sem_seg"] = torch.as_tensor(aug_input.sem_seg.astype(np.int64))
         return dataset_dict
 
 
@@ -169,10 +223,11 @@ def semantic_to_instances(label: torch.Tensor) -> Instances:
 
 def training_label_lut(train_names, setting: str) -> Optional[np.ndarray]:
     """The LUT shared by all training datasets (they must agree on the seen class list)."""
-    if setting != "inductive":
+    if setting not in ZERO_SHOT_SETTINGS:
         raise ValueError(
-            f"DATASETS.ZERO_SHOT_SETTING={setting!r}: only 'inductive' is supported "
-            "(unseen pixels ignored, unseen names never used)"
+            f"DATASETS.ZERO_SHOT_SETTING={setting!r}: expected one of {list(ZERO_SHOT_SETTINGS)} "
+            "(unseen pixels ignored, unseen names never used; strict: images with unseen "
+            "pixels dropped too)"
         )
     luts, classes = [], []
     for name in train_names:

@@ -9,6 +9,7 @@ errors are judged, and shortened, by the innermost exception of the traceback th
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import traceback
@@ -30,17 +31,30 @@ class NonFiniteError(FloatingPointError):
     """A loss term or the weights became NaN/inf in training; the message says which and when."""
 
 
+class OutputDirInUseError(RuntimeError):
+    """Another run holds the lock of the output folder; the message names the folder and PID."""
+
+
+class DiskFullError(OSError):
+    """No space was left to write a file; the message names it and what is still intact."""
+
+
 _ALWAYS_USER = (
     FileNotFoundError,
     PermissionError,
     IsADirectoryError,
     NotADirectoryError,
     NonFiniteError,
+    OutputDirInUseError,
+    DiskFullError,
 )
+# OSError numbers that say the disk, not the program, is at fault
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
 _USER_IF_OURS = (ValueError, KeyError, AssertionError)
 # By name, for errors that come back from other processes as text (subclasses included).
 _ALWAYS_USER_NAMES = {c.__name__ for c in _ALWAYS_USER} | {"DatasetNotPreparedError"}
 _USER_IF_OURS_NAMES = {c.__name__ for c in _USER_IF_OURS}
+_DISK_FULL_PREFIXES = tuple(f"[Errno {n}]" for n in _DISK_FULL)
 
 _FRAME = re.compile(r'^\s*File "(?P<file>[^"]+)", line \d+')
 _TRACEBACK_HEADER = "Traceback (most recent call last):"
@@ -82,19 +96,24 @@ def _in_project(where: str, scripts: tuple) -> bool:
 def is_user_error(e: BaseException, scripts: tuple = ()) -> bool:
     """True for errors caused by input (files, config keys, values) rather than by a bug.
 
-    File-system errors and :class:`NonFiniteError` always are; ``ValueError`` / ``KeyError`` /
-    ``AssertionError`` are when c2s-d2 raised them on purpose (innermost frame in the package or in
-    one of ``scripts``) or when they are detectron2's config and catalog messages. Errors of worker
-    processes are judged by the exception they carry. Anything else keeps its traceback.
+    File-system errors (a full disk included) and the errors defined here always are;
+    ``ValueError`` / ``KeyError`` / ``AssertionError`` are when c2s-d2 raised them on purpose
+    (innermost frame in the package or in one of ``scripts``) or when they are detectron2's config
+    and catalog messages. Errors of worker processes are judged by the exception they carry.
+    Anything else keeps its traceback.
     """
     remote = remote_error(e)
     if remote is not None:
         if remote.type_name in _ALWAYS_USER_NAMES:
             return True
+        if remote.type_name == "OSError" and remote.message.startswith(_DISK_FULL_PREFIXES):
+            return True
         if remote.type_name not in _USER_IF_OURS_NAMES:
             return False
         return remote.message.startswith(_KNOWN_PREFIXES) or _in_project(remote.where, scripts)
     if isinstance(e, _ALWAYS_USER):
+        return True
+    if isinstance(e, OSError) and e.errno in _DISK_FULL:
         return True
     if not isinstance(e, _USER_IF_OURS):
         return False
