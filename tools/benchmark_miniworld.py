@@ -465,10 +465,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     def seeds_of(name: str) -> List[int]:
         return args.main_seeds if name in MAIN else args.seeds
 
-    # trained variants first (``--jobs`` at a time; the paired comparison's first seeds first),
-    # then the evaluations that read the baseline's weights
+    # trained variants first (``--jobs`` at a time): the paired comparison, then the strict
+    # setting, then the other variants, each seed by seed; then the evaluations that read the
+    # baseline's weights
     trained = [(n, c, s, None, x) for n, c, _, x in TRAINED if n in labels for s in seeds_of(n)]
-    trained.sort(key=lambda t: (t[2] >= 3, t[0] not in MAIN, t[2]))
+    trained.sort(key=lambda t: (t[0] not in MAIN, not t[0].endswith("_strict"), t[2]))
     evals = [
         (n, c, s, os.path.join(args.output, "zs_baseline", f"seed{s}", "model_final.pth"), x)
         for n, c, _, x in EVAL_ONLY
