@@ -38,7 +38,7 @@ from c2s_d2.engine import (
     build_resumable_train_loader,
     enable_deterministic_mode,
 )
-from c2s_d2.engine.checkpoint import TAG_FILE, OutputDirLock, atomic_write
+from c2s_d2.engine.checkpoint import TAG_FILE, OutputDirLock, atomic_write, fetch_weights
 from c2s_d2.evaluation import C2SSemSegEvaluator, format_headline
 from c2s_d2.solver import build_c2s_lr_scheduler, build_c2s_optimizer
 from c2s_d2.utils.errors import is_user_error, one_line_error
@@ -274,6 +274,17 @@ def check_run(cfg: CfgNode, args) -> None:
             )
 
 
+def fetch_start_weights(cfg: CfgNode, args) -> None:
+    """Download a URL in ``MODEL.WEIGHTS`` (``detectron2://...``) now, once per machine, before
+    the processes start and the CLIP text embeddings are encoded: offline, the command ends here
+    with one line naming the URL and what to do (a run resumed from a checkpoint needs none)."""
+    if "://" not in cfg.MODEL.WEIGHTS:
+        return
+    if args.resume and os.path.isfile(os.path.join(cfg.OUTPUT_DIR, TAG_FILE)):
+        return
+    fetch_weights(cfg.MODEL.WEIGHTS)
+
+
 # ------------------------------------------------------------------------------------- the run
 def setup(args):
     if getattr(args, "deterministic", False):
@@ -341,6 +352,7 @@ def run(args) -> None:
             lock = OutputDirLock(output_dir).acquire()
             saved_config = _read(os.path.join(output_dir, "config.yaml"))
             saved_tag = _read(os.path.join(output_dir, TAG_FILE))
+        fetch_start_weights(cfg, args)
         launch(
             main,
             args.num_gpus,

@@ -697,3 +697,71 @@ def test_evaluation_mapper_gives_detectron2s_test_inputs(tmp_path):
     )
     with pytest.raises(ValueError, match=r"i\.png is 80x48, its dataset record says 80x50"):
         C2SSemanticDatasetMapper(cfg, False)({**record, "height": 50, "width": 80})
+
+
+# ------------------------------------------------------------- a weights URL on an offline machine
+R50_URL = "detectron2://ImageNetPretrained/torchvision/R-50.pkl"
+R50_HTTPS = "https://dl.fbaipublicfiles.com/detectron2/ImageNetPretrained/torchvision/R-50.pkl"
+OFFLINE_MESSAGE = (
+    f"FileNotFoundError: could not download the weights {R50_URL} ({R50_HTTPS}) (URLError: "
+    "<urlopen error [Errno -2] Name or service not known>); download the file on a machine with "
+    "internet access and set MODEL.WEIGHTS to its local path (an ImageNet ResNet can also be made "
+    "from torchvision's weights: python tools/convert_torchvision_to_d2.py <torchvision .pth> "
+    "<output .pkl>)"
+)
+
+
+@pytest.fixture
+def offline(tmp_path, monkeypatch) -> List[str]:
+    """No network: every URL opened fails as urllib fails on a machine without DNS (measured
+    here: ``URLError(gaierror(-2, 'Name or service not known'))``), with an empty download cache.
+    Returns the URLs that were tried."""
+    import socket
+    import urllib.error
+    import urllib.request
+
+    tried = []
+
+    def no_network(url, *args, **kwargs):
+        tried.append(getattr(url, "full_url", url))
+        raise urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)  # what iopath's download calls
+    monkeypatch.setenv("FVCORE_CACHE", str(tmp_path / "download_cache"))
+    return tried
+
+
+def test_weights_url_offline_is_one_line(offline, tmp_path):
+    """The configs' ``detectron2://`` ImageNet URL, offline: train_net.py ends with one line
+    naming the URL and what to do, before the run is set up (no log, no CLIP text encoding)."""
+    out = tmp_path / "out"
+    message = train_net_in_process(
+        ["--config-file", BASELINE, "OUTPUT_DIR", str(out), *TINY, "MODEL.WEIGHTS", R50_URL]
+    )
+    assert message == E + OFFLINE_MESSAGE
+    assert offline == [R50_HTTPS]  # the download was tried once, at the real address
+    assert sorted(os.listdir(out)) == [".c2s.lock"]  # nothing set up, nothing written
+
+
+def test_weights_url_offline_when_loading(offline, tmp_path, capsys):
+    """The same message where a checkpointer loads the URL itself (--eval-only, the demo)."""
+    with pytest.raises(FileNotFoundError) as err:
+        C2SCheckpointer(Tiny()).load(R50_URL + "?matching_heuristics=True")
+    assert one_line_error(err.value) == OFFLINE_MESSAGE
+    assert is_user_error(err.value)
+
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("c2s_demo", os.path.join(ROOT, "demo/demo.py"))
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    image = tmp_path / "photo.png"
+    Image.fromarray(np.zeros((32, 48, 3), np.uint8)).save(image)
+    code = demo.main(
+        ["--config-file", BASELINE, "--input", str(image), "--output", str(tmp_path / "demo"),
+         "--opts", *TINY, "MODEL.WEIGHTS", R50_URL]
+    )  # fmt: skip
+    assert code == 2
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert lines[-1] == f"demo.py: error: {OFFLINE_MESSAGE}"
+    assert offline == [R50_HTTPS, R50_HTTPS]  # one try each

@@ -13,7 +13,9 @@ checkpoint that shares no parameter name with the model (another architecture). 
 an error with ``require_all_keys`` (evaluation: a half-filled model must not be scored) and a
 warning otherwise (fine-tuning from a backbone-only file is normal). A missing, truncated or
 unreadable file is an error naming it, and so are a CLIP checkpoint (it belongs in
-``MODEL.CLIP.PRETRAINED``) and a ``last_checkpoint`` tag that does not hold a file name.
+``MODEL.CLIP.PRETRAINED``) and a ``last_checkpoint`` tag that does not hold a file name. A URL
+(``detectron2://...``, ``https://...``) that cannot be downloaded (an offline machine) is a
+``FileNotFoundError`` naming the URL and saying what to do instead (:func:`fetch_weights`).
 
 One run per folder: :class:`OutputDirLock` takes an exclusive ``flock`` on
 ``<OUTPUT_DIR>/.c2s.lock`` for the whole run, so a second run into the same folder is refused
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import http.client
 import logging
 import os
 import re
@@ -35,6 +38,7 @@ from urllib.parse import urlparse
 
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.utils.file_io import Detectron2Handler, PathManager
 
 from ..utils.errors import DiskFullError, NonFiniteError, OutputDirInUseError
 
@@ -43,6 +47,7 @@ __all__ = [
     "OutputDirLock",
     "atomic_write",
     "atomic_torch_save",
+    "fetch_weights",
     "looks_like_clip_checkpoint",
     "non_finite_tensors",
 ]
@@ -162,6 +167,42 @@ def _torchscript_state(filename: str) -> Optional[Dict[str, Any]]:
     except Exception:  # not a zip, or not a readable archive: the caller reports the file
         return None
     return state if looks_like_clip_checkpoint(state) else None
+
+
+def fetch_weights(path: str) -> str:
+    """The local file of the checkpoint ``path`` (``MODEL.WEIGHTS``): a local path as it is (its
+    query string removed), a URL downloaded.
+
+    ``detectron2://`` and ``http(s)://`` URLs are downloaded once into iopath's cache
+    (``$FVCORE_CACHE``, default ``~/.torch/iopath_cache``) and found there afterwards, as
+    detectron2 does. A download that fails (no network, an unknown host, an HTTP error, a
+    connection cut short) is a ``FileNotFoundError`` naming the URL and what to do instead;
+    a full disk keeps its own error.
+    """
+    url = urlparse(path)._replace(query="").geturl()  # detectron2's ?matching_heuristics=True
+    if "://" not in url:
+        return url
+    try:
+        return PathManager.get_local_path(url)
+    except (OSError, http.client.HTTPException) as e:
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        raise FileNotFoundError(_download_failed(url, e)) from e
+
+
+def _download_failed(url: str, e: BaseException) -> str:
+    """The one-line message of a failed download of ``url``."""
+    d2 = Detectron2Handler
+    https = (
+        f" ({d2.S3_DETECTRON2_PREFIX}{url[len(d2.PREFIX) :]})" if url.startswith(d2.PREFIX) else ""
+    )
+    reason = " ".join(str(e).split())[:160]
+    return (
+        f"could not download the weights {url}{https} ({type(e).__name__}: {reason}); "
+        "download the file on a machine with internet access and set MODEL.WEIGHTS to its local "
+        "path (an ImageNet ResNet can also be made from torchvision's weights: python "
+        "tools/convert_torchvision_to_d2.py <torchvision .pth> <output .pkl>)"
+    )
 
 
 class OutputDirLock:
@@ -339,7 +380,9 @@ class C2SCheckpointer(DetectionCheckpointer):
     def load(self, path: str, *args, **kwargs) -> Dict[str, Any]:
         if path:
             local = urlparse(path)._replace(query="").geturl()
-            if "://" not in local and not os.path.isfile(local):
+            if "://" in local:
+                fetch_weights(local)  # offline: one clear error (detectron2 gives a traceback)
+            elif not os.path.isfile(local):
                 raise FileNotFoundError(f"checkpoint file not found: {local}")
         self._loading = path
         try:
