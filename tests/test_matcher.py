@@ -4,9 +4,13 @@ import math
 
 import pytest
 import torch
+from detectron2.projects.point_rend.point_features import (
+    get_uncertain_point_coords_with_randomness,
+    point_sample,
+)
 
+from c2s_d2.modeling.criterion import logit_uncertainty
 from c2s_d2.modeling.matcher import HungarianMatcher, batch_dice_cost, batch_sigmoid_ce_cost
-from c2s_d2.modeling.point_sampling import point_sample, uncertain_point_coords
 
 LN3 = math.log(3.0)
 # sigmoid(0) = 0.5, sigmoid(ln 3) = 0.75, sigmoid(-ln 3) = 0.25
@@ -18,14 +22,14 @@ def test_point_sample_hand_checked():
     image = torch.tensor([[[[0.0, 1.0], [2.0, 3.0]]]])  # [1, 1, 2, 2]
     # (x, y): pixel centres sit at 0.25 / 0.75; the image centre averages all four pixels.
     coords = torch.tensor([[[0.25, 0.25], [0.75, 0.25], [0.25, 0.75], [0.5, 0.5]]])
-    out = point_sample(image, coords)
+    out = point_sample(image, coords, align_corners=False)
     assert out.shape == (1, 1, 4)
     assert torch.allclose(out[0, 0], torch.tensor([0.0, 1.0, 2.0, 1.5]))
 
 
 def test_point_sample_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="coords"):
-        point_sample(torch.zeros(2, 1, 4, 4), torch.zeros(1, 3, 2))
+    with pytest.raises(RuntimeError, match="same batch size"):
+        point_sample(torch.zeros(2, 1, 4, 4), torch.zeros(1, 3, 2), align_corners=False)
 
 
 def test_uncertain_points_prefer_the_boundary():
@@ -33,14 +37,12 @@ def test_uncertain_points_prefer_the_boundary():
     # Logits = 20 * (x - 0.5): uncertain (|logit| small) only near the vertical line x = 0.5.
     xs = (torch.arange(32).float() + 0.5) / 32
     logits = (20 * (xs - 0.5)).expand(32, 32)[None, None].repeat(3, 1, 1, 1)
-    coords = uncertain_point_coords(logits, 64, 8.0, 1.0)
+    coords = get_uncertain_point_coords_with_randomness(logits, logit_uncertainty, 64, 8.0, 1.0)
     assert coords.shape == (3, 64, 2)
     assert ((coords[..., 0] - 0.5).abs() < 0.15).all()
     # With no importance sampling the points are uniform: many lie far from the boundary.
-    uniform = uncertain_point_coords(logits, 64, 8.0, 0.0)
+    uniform = get_uncertain_point_coords_with_randomness(logits, logit_uncertainty, 64, 8.0, 0.0)
     assert ((uniform[..., 0] - 0.5).abs() > 0.15).float().mean() > 0.4
-    with pytest.raises(ValueError, match="importance_sample_ratio"):
-        uncertain_point_coords(logits, 64, 3.0, 1.5)
 
 
 def test_sigmoid_ce_cost_hand_checked():

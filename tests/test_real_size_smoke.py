@@ -9,12 +9,14 @@ the ViT-B/16 CLIP teacher (at 448 px) of the config, on COCO-Stuff in its downlo
    ``MODEL.CLIP.PRETRAINED``) and a random torchvision ResNet-50 converted by
    ``tools/convert_torchvision_to_d2.py`` (for ``MODEL.WEIGHTS``: the config's ``detectron2://``
    ImageNet file cannot be downloaded offline);
-3. ``train_net.py`` for 2 iterations of batch 2: exit 0, ``model_final.pth``, finite losses;
+3. ``train_net.py`` for 2 iterations of batch 2 (detectron2 evaluates once at the end):
+   exit 0, ``model_final.pth``, finite losses, the backbone started from the converted file;
 4. ``train_net.py --eval-only`` with that checkpoint: the zero-shot headline;
 5. ``demo/demo.py`` on a val image: an overlay PNG of the image's size.
 
-The time of each step is printed at the end of the session.
-Run: ``pytest tests/test_real_size_smoke.py --run-slow`` (about 15-25 min on a 2-core CPU).
+The time of each step is printed on the terminal once the tests of this file are done.
+Run: ``pytest tests/test_real_size_smoke.py --run-slow``: about 3 min on a busy 2-core CPU with one
+thread (2.5 min of it training, 74 s of which encode the 863 latent-vocabulary prompts).
 """
 
 import json
@@ -102,12 +104,15 @@ def failure(proc: subprocess.CompletedProcess) -> str:
 
 @pytest.fixture(scope="module", autouse=True)
 def report_timings(request):
+    """Print the time of each step on the terminal at the end (past pytest's output capture)."""
     yield
-    reporter = request.config.pluginmanager.get_plugin("terminalreporter")
-    if reporter is not None and TIMINGS:
-        reporter.write_line("")
+    capture = request.config.pluginmanager.get_plugin("capturemanager")
+    if not TIMINGS or capture is None:
+        return
+    with capture.global_and_fixture_disabled():
+        print()
         for step, seconds in TIMINGS.items():
-            reporter.write_line(f"[real-size smoke] {step}: {seconds:.1f} s")
+            print(f"[real-size smoke] {step}: {seconds:.1f} s")
 
 
 @pytest.fixture(scope="module")
@@ -184,7 +189,7 @@ def common_opts(setup) -> List[str]:
 def trained(setup):
     out = str(setup["root"] / "train")
     proc = run_timed(
-        "train_net.py, 2 iterations of batch 2 (incl. text encoding)",
+        "train_net.py, 2 iterations of batch 2 (with text encoding, final evaluation)",
         ["train_net.py", "--config-file", CONFIG, *common_opts(setup),
          "MODEL.WEIGHTS", setup["r50"], "SOLVER.MAX_ITER", "2", "SOLVER.IMS_PER_BATCH", "2",
          "TEST.EVAL_PERIOD", "0", "OUTPUT_DIR", out],
@@ -202,7 +207,7 @@ def evaluated(setup, trained):
     out = str(setup["root"] / "eval")
     weights = os.path.join(trained["out"], "model_final.pth")
     proc = run_timed(
-        "train_net.py --eval-only on 2 val images (incl. text encoding)",
+        "train_net.py --eval-only on 2 val images",
         ["train_net.py", "--config-file", CONFIG, "--eval-only", *common_opts(setup),
          "MODEL.WEIGHTS", weights, "OUTPUT_DIR", out],
         setup["env"],
@@ -233,12 +238,14 @@ def test_training_writes_final_checkpoint_with_finite_losses(setup, trained):
         assert f.read().strip() == "model_final.pth"
     with open(os.path.join(out, "metrics.json")) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    losses = {k: v for r in records for k, v in r.items() if "loss" in k}
-    assert "total_loss" in losses, records
+    # detectron2 writes the last iteration's losses at the end (then the final evaluation's
+    # metrics, under iteration 2)
+    training = [r for r in records if "total_loss" in r]
+    assert [r["iteration"] for r in training] == [1], records  # 2 iterations: 0 and 1
+    losses = {k: v for k, v in training[0].items() if "loss" in k}
     # full C2S: the distillation terms are trained too, not only the segmentation losses
     assert {"loss_global_distill", "loss_local_distill"} <= set(losses), sorted(losses)
     assert all(math.isfinite(v) for v in losses.values()), losses
-    assert max(r.get("iteration", -1) for r in records) == 1  # 2 iterations: 0 and 1
 
 
 def test_training_started_from_the_converted_r50(setup, trained):

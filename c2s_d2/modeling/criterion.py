@@ -5,7 +5,9 @@ After Hungarian matching, each image contributes
 * ``loss_ce``: cross-entropy over ``[K classes, no-object]`` for every query; matched queries
   target their segment's class, the others "no object", whose weight is ``no_object_weight``
   (``F.cross_entropy`` with class weights: the weighted sum divided by the sum of the weights);
-* ``loss_mask``: sigmoid BCE between matched mask logits and target masks, mean over points;
+* ``loss_mask``: sigmoid BCE between matched mask logits and target masks, mean over points
+  (with ``num_points > 0``, points chosen by detectron2's PointRend importance sampling, where
+  the predicted mask is uncertain, plus uniform ones; otherwise every target pixel);
 * ``loss_dice``: Dice loss on the same pairs;
 
 the mask terms summed over matched pairs and divided by the number of target masks in the whole
@@ -22,16 +24,39 @@ from typing import Dict, List, Sequence, Tuple, Union
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from detectron2.projects.point_rend.point_features import (
+    get_uncertain_point_coords_with_randomness,
+    point_sample,
+)
 from torch import nn
 
 from .matcher import HungarianMatcher, Indices
-from .point_sampling import point_sample, uncertain_point_coords
 
-__all__ = ["sigmoid_ce_loss", "dice_loss", "SetCriterion", "build_set_criterion"]
+__all__ = [
+    "sigmoid_ce_loss",
+    "dice_loss",
+    "logit_uncertainty",
+    "SetCriterion",
+    "build_set_criterion",
+]
 
 _LOSS_KEYS = {"labels": ("loss_ce",), "masks": ("loss_mask", "loss_dice")}
 # "loss_dice_3" -> "loss_dice": deep-supervision keys share the weight of their base key.
 _AUX_SUFFIX = re.compile(r"^(.*)_(\d+)$")
+
+
+def logit_uncertainty(logits: torch.Tensor) -> torch.Tensor:
+    """Uncertainty of binary mask logits for point selection: ``-|logit|``.
+
+    Highest at the decision boundary; used as detectron2's ``uncertainty_func``.
+
+    Args:
+        logits: [N, 1, P] mask logits at P points.
+
+    Returns:
+        [N, 1, P]; larger means more uncertain.
+    """
+    return -logits.abs()
 
 
 def sigmoid_ce_loss(inputs: torch.Tensor, targets: torch.Tensor, num_masks: float) -> torch.Tensor:
@@ -89,8 +114,9 @@ class SetCriterion(nn.Module):
             losses: which terms to compute: ``"labels"`` and/or ``"masks"``.
             num_points: points per mask for the mask losses (importance-sampled); <= 0 uses
                 full resolution (predictions upsampled bilinearly to the target size).
-            oversample_ratio: candidates per point for importance sampling.
-            importance_sample_ratio: share of points chosen where predictions are uncertain.
+            oversample_ratio: candidates per point for importance sampling (>= 1).
+            importance_sample_ratio: share of points chosen where predictions are uncertain
+                (in [0, 1]).
         """
         super().__init__()
         unknown = [name for name in losses if name not in _LOSS_KEYS]
@@ -103,6 +129,17 @@ class SetCriterion(nn.Module):
         missing = [k for name in losses for k in _LOSS_KEYS[name] if k not in weight_dict]
         if missing:
             raise KeyError(f"SetCriterion: weight_dict lacks {missing} (got {sorted(weight_dict)})")
+        # detectron2's point selection only asserts these; give the config key instead.
+        if num_points > 0 and not oversample_ratio >= 1:
+            raise ValueError(
+                "SetCriterion: oversample_ratio (MODEL.C2S.OVERSAMPLE_RATIO) must be >= 1, "
+                f"got {oversample_ratio}"
+            )
+        if num_points > 0 and not 0.0 <= importance_sample_ratio <= 1.0:
+            raise ValueError(
+                "SetCriterion: importance_sample_ratio (MODEL.C2S.IMPORTANCE_SAMPLE_RATIO) must be "
+                f"in [0, 1], got {importance_sample_ratio}"
+            )
         self.matcher = matcher
         self.weight_dict = dict(weight_dict)
         self.no_object_weight = float(no_object_weight)
@@ -177,17 +214,19 @@ class SetCriterion(nn.Module):
             for t, (_, j) in zip(targets, indices)
         ]
         if self.num_points > 0:
-            coords = uncertain_point_coords(
-                src[:, None],
-                self.num_points,
-                self.oversample_ratio,
-                self.importance_sample_ratio,
-            )  # [M, P, 2]
-            src_points = point_sample(src[:, None], coords)[:, 0]  # [M, P]
+            with torch.no_grad():  # no gradient through the choice of points
+                coords = get_uncertain_point_coords_with_randomness(
+                    src[:, None],
+                    logit_uncertainty,
+                    self.num_points,
+                    self.oversample_ratio,
+                    self.importance_sample_ratio,
+                )  # [M, P, 2]: the uncertain points first, then uniform ones
+            src_points = point_sample(src[:, None], coords, align_corners=False)[:, 0]  # [M, P]
             # Per image because target sizes may differ; coords are the predictions' coords.
             tgt_points = torch.cat(
                 [
-                    point_sample(m[:, None], c)[:, 0]
+                    point_sample(m[:, None], c, align_corners=False)[:, 0]
                     for m, c in zip(tgt_per_image, coords.split(counts))
                     if m.shape[0]
                 ]

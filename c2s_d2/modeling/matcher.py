@@ -25,11 +25,11 @@ from typing import Dict, List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
+from detectron2.projects.point_rend.point_features import point_sample
 from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ..utils.errors import NonFiniteError
-from .point_sampling import point_sample
 
 __all__ = ["batch_sigmoid_ce_cost", "batch_dice_cost", "HungarianMatcher"]
 
@@ -154,8 +154,8 @@ class HungarianMatcher(nn.Module):
         if self.num_points > 0:
             # One set of points for all queries and targets keeps the costs comparable.
             coords = torch.rand(1, self.num_points, 2, device=pred.device)
-            pred_flat = point_sample(pred[None], coords)[0]  # [Q, P]
-            tgt_flat = point_sample(tgt[None], coords)[0]  # [T, P]
+            pred_flat = point_sample(pred[None], coords, align_corners=False)[0]  # [Q, P]
+            tgt_flat = point_sample(tgt[None], coords, align_corners=False)[0]  # [T, P]
         else:
             if tgt.shape[-2:] != pred.shape[-2:]:
                 tgt = F.interpolate(
