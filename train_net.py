@@ -330,7 +330,10 @@ def _after_refusal(output_dir: str, saved_config, saved_tag, error: BaseExceptio
 def _log_and_restore(output_dir: str, saved_config, saved_tag, error: BaseException) -> None:
     for name in ("c2s_d2", "detectron2", "fvcore"):
         for handler in logging.getLogger(name).handlers:
-            handler.flush()
+            try:
+                handler.flush()
+            except (OSError, ValueError):  # a closed or full stream: the log file matters
+                pass
     log = os.path.join(output_dir, "log.txt")
     if os.path.isfile(log):
         with open(log, "a") as f:

@@ -71,23 +71,9 @@ def _cfg(extra=()):
     return cfg
 
 
-@pytest.fixture(scope="module")
-def weights(miniworld, tmp_path_factory):
-    """A random-weight student saved as a detectron2 checkpoint (every key of the model)."""
-    from detectron2.modeling import build_model
-
-    from c2s_d2.config import inference_cfg
-
-    torch.manual_seed(0)
-    model = build_model(inference_cfg(_cfg()))
-    path = tmp_path_factory.mktemp("demo_weights") / "student.pth"
-    torch.save({"model": model.state_dict()}, path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def evaluator_predictions(weights, miniworld):
-    """{file_name: class map [H, W]} from detectron2's test loader + the model (eval path)."""
+def _eval_path_predictions(weights):
+    """{file_name: class map [H, W]} from detectron2's test loader + the model (eval path), and
+    the same with the channel order swapped."""
     from detectron2.data import build_detection_test_loader
     from detectron2.modeling import build_model
 
@@ -107,6 +93,39 @@ def evaluator_predictions(weights, miniworld):
             flipped = dict(x, image=x["image"].flip(0))  # the other channel order
             swapped[x["file_name"]] = model([flipped])[0]["sem_seg"].argmax(0).numpy()
     return out, swapped
+
+
+@pytest.fixture(scope="module")
+def weights_and_predictions(miniworld, tmp_path_factory):
+    """A random-weight student saved as a detectron2 checkpoint (every key of the model), chosen
+    among a few seeds so that its predictions depend on the channel order (a random student can
+    predict one class everywhere, which would let a colour-order bug pass), and its eval-path
+    predictions."""
+    from detectron2.modeling import build_model
+
+    from c2s_d2.config import inference_cfg
+
+    folder = tmp_path_factory.mktemp("demo_weights")
+    for seed in range(8):
+        torch.manual_seed(seed)
+        model = build_model(inference_cfg(_cfg()))
+        path = folder / f"student_{seed}.pth"
+        torch.save({"model": model.state_dict()}, path)
+        expected, swapped = _eval_path_predictions(str(path))
+        changed = [float((expected[f] != swapped[f]).mean()) for f in expected]
+        if max(changed) > 0.05:
+            return str(path), (expected, swapped)
+    pytest.fail(f"no random student among 8 seeds depends on the channel order: {changed}")
+
+
+@pytest.fixture(scope="module")
+def weights(weights_and_predictions):
+    return weights_and_predictions[0]
+
+
+@pytest.fixture(scope="module")
+def evaluator_predictions(weights_and_predictions):
+    return weights_and_predictions[1]
 
 
 def test_demo_path_matches_evaluator_path(weights, miniworld, evaluator_predictions):
