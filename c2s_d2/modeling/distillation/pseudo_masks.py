@@ -477,20 +477,5 @@ def score_regions(
     Returns:
         ``[R]`` bool, True for latent regions.
     """
-    if region_embeds.dim() != 2 or seen_text.dim() != 2:
-        raise ValueError(
-            "score_regions expects region_embeds [R, d] and seen_text [S, d], got "
-            f"{tuple(region_embeds.shape)} and {tuple(seen_text.shape)}"
-        )
-    if seen_text.shape[0] == 0 or region_embeds.shape[0] == 0:
-        return torch.ones(region_embeds.shape[0], dtype=torch.bool, device=region_embeds.device)
-    if region_embeds.shape[1] != seen_text.shape[1]:
-        raise ValueError(
-            f"score_regions: region embeddings of size {region_embeds.shape[1]} vs seen text "
-            f"embeddings of size {seen_text.shape[1]}"
-        )
-    r = F.normalize(region_embeds.float(), dim=-1, eps=_EPS)
-    t = F.normalize(seen_text.float().to(r.device), dim=-1, eps=_EPS)
-    with torch.autocast(device_type=r.device.type, enabled=False):
-        best_seen = (r @ t.t()).max(dim=1).values
-    return best_seen < seen_threshold
+    # no seen class (S = 0): the best cosine is -inf, so every region is latent
+    return best_seen_similarity(region_embeds, seen_text) < seen_threshold
