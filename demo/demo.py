@@ -217,10 +217,22 @@ def segment(predictor: DefaultPredictor, image_bgr: np.ndarray) -> np.ndarray:
     return scores.argmax(0).cpu().numpy()
 
 
-def overlay(image_rgb: np.ndarray, sem_seg: np.ndarray, labels: List[str]) -> np.ndarray:
-    """RGB overlay of the class map ``sem_seg`` [H, W] with class names drawn on it."""
+def overlay(
+    image_rgb: np.ndarray,
+    sem_seg: np.ndarray,
+    labels: List[str],
+    colors: Optional[Sequence[Sequence[int]]] = None,
+    scale: float = 1.0,
+) -> np.ndarray:
+    """RGB overlay of the class map ``sem_seg`` [H, W] with class names drawn on it.
+
+    ``colors``: one RGB triple (0-255) per label (default: random colours); ``scale``: output
+    size relative to the image (the overlay is [H * scale, W * scale, 3]).
+    """
     meta = Metadata(name="vocabulary", stuff_classes=list(labels))
-    vis = Visualizer(image_rgb, meta, instance_mode=ColorMode.IMAGE)
+    if colors is not None:
+        meta.stuff_colors = [tuple(int(c) for c in rgb) for rgb in colors]
+    vis = Visualizer(image_rgb, meta, scale=scale, instance_mode=ColorMode.IMAGE)
     return vis.draw_sem_seg(sem_seg, alpha=0.5).get_image()
 
 
