@@ -89,7 +89,7 @@ def test_inference_benchmark_prints_ratios_and_table(inference_run):
             "latency_s",
             "ratios",
         }
-    assert table.startswith("| model | params (M)") and table.count("\n") == 6
+    assert table.startswith("| model | params (M)") and table.count("\n") == 7
     assert result["two_stage"]["num_masks"] == 8 and result["two_stage"]["crop_size"] == 64
 
 

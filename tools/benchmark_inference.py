@@ -10,7 +10,13 @@ random init, ViT-B/16 teacher with random weights, 512x512 input) or tiny (``--q
 (c) ``two_stage``: the C2S student's masks, each of its N queries classified by the teacher on a
     masked crop of ``--two-stage-crop`` px (zsseg-style; ``INFERENCE_MODE two_stage``);
 (d) ``teacher_dense``: the teacher alone, dense (MaskCLIP-style; ``INFERENCE_MODE teacher_dense``)
-    at the C2S config's ``TEACHER_INPUT_SIZE``.
+    at the C2S config's ``TEACHER_INPUT_SIZE``;
+(e) ``onnx_runtime``: (b) exported to ONNX (``c2s_d2.export``, as ``tools/export_model.py`` does)
+    and run by ONNX Runtime on the CPU with ``--threads`` intra-op threads, 1 inter-op thread and
+    all graph optimisations, timed in the same round robin as the PyTorch models (the printed
+    "ONNX Runtime / PyTorch C2S student" latency ratio); its parameters and GFLOPs are (b)'s
+    (the same computation), its largest score difference to (b) is reported. ``--no-onnx``
+    skips it.
 
 For each: parameters used at inference (the teacher is built lazily and kept outside the module
 tree, so it is counted explicitly: student + teacher for (c), teacher only for (d)), GFLOPs by
@@ -19,6 +25,7 @@ know are counted by handles below) and the median latency of one image; ratios a
 
     python tools/benchmark_inference.py --json out/inf.json --markdown out/inf.md
     python tools/benchmark_inference.py --quick        # tiny models at 128 px (tests)
+    python tools/benchmark_inference.py --models c2s_student --runs 9   # (b) vs (e) only
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from contextlib import contextmanager
 from typing import Dict, Iterator, List, Optional, Sequence
 
@@ -39,6 +47,8 @@ from fvcore.nn import FlopCountAnalysis  # noqa: E402
 from fvcore.nn.jit_handles import get_shape  # noqa: E402
 
 from c2s_d2.config import inference_cfg  # noqa: E402
+from c2s_d2.export.exporter import export_student_onnx  # noqa: E402
+from c2s_d2.export.student import ExportableStudent  # noqa: E402
 from c2s_d2.modeling.clip import teacher as teacher_module  # noqa: E402
 
 MODELS = ("baseline", "c2s_student", "two_stage", "teacher_dense")
@@ -47,8 +57,10 @@ LABELS = {
     "c2s_student": "(b) C2S student",
     "two_stage": "(c) two-stage (student + teacher per mask)",
     "teacher_dense": "(d) teacher-only dense",
+    "onnx_runtime": "(e) C2S student, ONNX Runtime",
 }
 REFERENCE = "c2s_student"
+ONNX = "onnx_runtime"
 
 
 def _prod(shape: Sequence[int]) -> int:
@@ -130,7 +142,7 @@ def build_models(args: argparse.Namespace) -> Dict[str, torch.nn.Module]:
     if crop:  # quick mode keeps the tiny config's teacher size
         cfgs["two_stage"].merge_from_list(["MODEL.C2S.DISTILL.TEACHER_INPUT_SIZE", str(crop)])
     models = {}
-    for name in MODELS:
+    for name in [m for m in MODELS if m in args.models]:
         torch.manual_seed(args.seed)  # (a) and (b) get the same initial weights
         models[name] = build_model(inference_cfg(cfgs[name])).eval()
         if name in ("two_stage", "teacher_dense"):
@@ -147,6 +159,56 @@ def count_params(name: str, model: torch.nn.Module) -> Dict[str, int]:
     return {"params": used.get(name, t), "params_student": student, "params_teacher": t}
 
 
+class OnnxRuntimeStudent:
+    """The C2S student exported to ONNX (in a temporary folder) on an ONNX Runtime CPU session:
+    ``intra_op_num_threads`` = ``threads``, 1 inter-op thread, all graph optimisations."""
+
+    def __init__(self, model: torch.nn.Module, image: torch.Tensor, threads: int) -> None:
+        import onnxruntime as ort
+
+        student = ExportableStudent(model)
+        self.image = image.float()[None]  # what DefaultPredictor feeds: float 0..255
+        self.bank = model.test_bank.detach().float().cpu()
+        with tempfile.TemporaryDirectory() as tmp:
+            path = os.path.join(tmp, "student.onnx")
+            export_student_onnx(student, path, self.image, self.bank)
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = threads
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            opts.log_severity_level = 3
+            self.session = ort.InferenceSession(
+                path, sess_options=opts, providers=["CPUExecutionProvider"]
+            )
+        self.feed = {"image": self.image.numpy(), "text_embeddings": self.bank.numpy()}
+        self.onnxruntime_version = ort.__version__
+
+    def __call__(self):
+        return self.session.run(None, self.feed)[0]
+
+    def max_diff(self, model: torch.nn.Module, inputs: List[Dict]) -> float:
+        """Largest |score difference| to the PyTorch model on the benchmark image."""
+        with torch.no_grad():
+            want = model(inputs)[0]["sem_seg"]
+        return float((torch.from_numpy(self()) - want).abs().max())
+
+
+def two_stage_costs(model: torch.nn.Module) -> Dict:
+    teacher = model._teacher
+    crop = teacher.input_size or 224
+    one_crop = (torch.rand(1, 3, crop, crop) * 255,)
+    return {
+        "two_stage": {
+            "crop_size": crop,
+            "num_masks": model.query_decoder.num_object_queries,
+            # what two-stage needs (the global embedding); the trace drops the unused dense path
+            "teacher_gflops_per_crop": gflops(GlobalEmbedding(teacher), one_crop),
+            # what the teacher's forward runs: global and dense outputs
+            "teacher_gflops_per_crop_executed": gflops(teacher, one_crop),
+        }
+    }
+
+
 def run(args: argparse.Namespace) -> Dict:
     setup_run(args)
     models = build_models(args)
@@ -154,17 +216,27 @@ def run(args: argparse.Namespace) -> Dict:
     image = torch.randint(0, 256, (3, args.size, args.size), dtype=torch.uint8, generator=g)
     inputs = [{"image": image, "height": args.size, "width": args.size}]
     results: Dict[str, Dict] = {name: count_params(name, m) for name, m in models.items()}
-    latencies: Dict[str, List[float]] = {name: [] for name in MODELS}
-    for name, model in models.items():
+    calls = {name: (lambda m=model: m(inputs)) for name, model in models.items()}
+    ort_student = None
+    if args.onnx:
+        ort_student = OnnxRuntimeStudent(models[REFERENCE], image, args.threads)
+        calls[ONNX] = ort_student
+        results[ONNX] = dict(results[REFERENCE])
+    latencies: Dict[str, List[float]] = {name: [] for name in calls}
+    for name, call in calls.items():
         for _ in range(args.warmup):
-            model(inputs)
+            call()
     # round robin, so that a busy machine slows every model alike
     for r in range(args.runs):
-        for name, model in models.items():
+        for name, call in calls.items():
             if name != "two_stage" or r < args.two_stage_runs:
-                latencies[name].append(timed(lambda: model(inputs), args.device))
+                latencies[name].append(timed(call, args.device))
     for name, model in models.items():
         results[name]["gflops"] = gflops(model, (inputs,))
+    if ort_student is not None:
+        results[ONNX]["gflops"] = results[REFERENCE]["gflops"]  # the same computation
+        results[ONNX]["max_abs_diff_vs_pytorch"] = ort_student.max_diff(models[REFERENCE], inputs)
+    for name in calls:
         results[name]["latencies_s"] = latencies[name]
         results[name]["latency_s"] = median(latencies[name])
     ref = results[REFERENCE]
@@ -172,20 +244,21 @@ def run(args: argparse.Namespace) -> Dict:
         r["ratios"] = {
             k: r[k] / ref[k] if ref[k] else float("nan") for k in ("params", "gflops", "latency_s")
         }
-    teacher = models["two_stage"]._teacher
-    crop = teacher.input_size or 224
-    one_crop = (torch.rand(1, 3, crop, crop) * 255,)
     out = {"run": run_description(args), "models": results, "reference": REFERENCE}
     out["run"].update({"runs": args.runs, "two_stage_runs": args.two_stage_runs})
-    out["two_stage"] = {
-        "crop_size": crop,
-        "num_masks": models["two_stage"].query_decoder.num_object_queries,
-        # what two-stage needs (the global embedding); the trace drops the unused dense path
-        "teacher_gflops_per_crop": gflops(GlobalEmbedding(teacher), one_crop),
-        # what the teacher's forward runs: global and dense outputs
-        "teacher_gflops_per_crop_executed": gflops(teacher, one_crop),
-    }
-    out["teacher_dense_input_size"] = models["teacher_dense"]._teacher.input_size
+    if "two_stage" in models:
+        out.update(two_stage_costs(models["two_stage"]))
+    if "teacher_dense" in models:
+        out["teacher_dense_input_size"] = models["teacher_dense"]._teacher.input_size
+    if ort_student is not None:
+        out["onnx_runtime"] = {
+            "latency_ratio_to_pytorch_student": results[ONNX]["ratios"]["latency_s"],
+            "threads": args.threads,
+            "inter_op_threads": 1,
+            "graph_optimization": "ORT_ENABLE_ALL",
+            "onnxruntime": ort_student.onnxruntime_version,
+            "max_abs_diff_vs_pytorch": results[ONNX]["max_abs_diff_vs_pytorch"],
+        }
     return out
 
 
@@ -194,7 +267,9 @@ def markdown_table(result: Dict) -> str:
         "| model | params (M) | x C2S | GFLOPs | x C2S | latency (s) | x C2S |",
         "|---|---:|---:|---:|---:|---:|---:|",
     ]
-    for name in MODELS:
+    for name in [*MODELS, ONNX]:
+        if name not in result["models"]:
+            continue
         r = result["models"][name]
         q = r["ratios"]
         rows.append(
@@ -212,22 +287,32 @@ def report(result: Dict) -> None:
         f"median of {r['runs']} runs ({r['two_stage_runs']} for two-stage); GFLOPs by fvcore "
         "(multiply-adds)"
     )
-    ts = result["two_stage"]
-    print(
-        f"two-stage: {ts['num_masks']} masks, teacher crops {ts['crop_size']} px, "
-        f"{ts['teacher_gflops_per_crop']:.2f} GFLOPs per crop (the teacher's forward runs "
-        f"{ts['teacher_gflops_per_crop_executed']:.2f}: its unused dense output is not counted); "
-        "teacher-only dense at "
-        f"{result['teacher_dense_input_size']} px"
-    )
+    ts = result.get("two_stage")
+    if ts is not None:
+        print(
+            f"two-stage: {ts['num_masks']} masks, teacher crops {ts['crop_size']} px, "
+            f"{ts['teacher_gflops_per_crop']:.2f} GFLOPs per crop (the teacher's forward runs "
+            f"{ts['teacher_gflops_per_crop_executed']:.2f}: its unused dense output is not "
+            "counted)"
+        )
+    if "teacher_dense_input_size" in result:
+        print(f"teacher-only dense at {result['teacher_dense_input_size']} px")
     print(markdown_table(result), end="")
-    for name in MODELS:
+    for name in [n for n in [*MODELS, ONNX] if n in result["models"]]:
         m = result["models"][name]
         q = m["ratios"]
         print(
             f"ratio to C2S student: {name} params {q['params']:.3f}x ({m['params']:,}), "
             f"GFLOPs {q['gflops']:.3f}x ({m['gflops']:.2f}), latency {q['latency_s']:.2f}x "
             f"({m['latency_s']:.3f} s; runs {[round(x, 3) for x in m['latencies_s']]})"
+        )
+    if "onnx_runtime" in result:
+        o = result["onnx_runtime"]
+        print(
+            f"ONNX Runtime / PyTorch C2S student latency: "
+            f"{o['latency_ratio_to_pytorch_student']:.2f}x ({o['threads']} intra-op thread(s), "
+            f"1 inter-op, ORT_ENABLE_ALL, onnxruntime {o['onnxruntime']}); max |score difference| "
+            f"{o['max_abs_diff_vs_pytorch']:.2e}"
         )
 
 
@@ -244,7 +329,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         help="teacher crop size of two-stage in px (default 224, zsseg's; quick: the config's)",
     )
     p.add_argument("--markdown", default="", help="write the table to this Markdown file")
+    p.add_argument(
+        "--no-onnx",
+        dest="onnx",
+        action="store_false",
+        help="skip the ONNX Runtime row (e): export of the C2S student, timed on ONNX Runtime",
+    )
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=MODELS,
+        default=list(MODELS),
+        help="models to measure (default: all; the C2S student, the reference, always runs)",
+    )
     args = p.parse_args(argv)
+    args.models = sorted(set(args.models) | {REFERENCE}, key=MODELS.index)
     if min(args.runs, args.two_stage_runs) < 1 or args.warmup < 0:
         p.error("--runs and --two-stage-runs must be >= 1, --warmup >= 0")
     args.two_stage_runs = min(args.two_stage_runs, args.runs)

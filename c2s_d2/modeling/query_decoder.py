@@ -199,7 +199,8 @@ class C2SQueryDecoder(nn.Module):
         small = F.interpolate(masks, size=attn_size, mode="bilinear", align_corners=False)
         # True = blocked: attend only where the previous mask is > 0.5; empty masks see everything.
         blocked = small.sigmoid().flatten(2) < 0.5
-        blocked[blocked.all(-1)] = False
+        # (not an in-place masked assignment: the ONNX exporter mis-broadcasts that one)
+        blocked = blocked & ~blocked.all(-1, keepdim=True)
         return q, masks, blocked.detach()
 
     def forward(
