@@ -96,6 +96,12 @@ def add_c2s_config(cfg: CN) -> None:
     d.ENABLED = False
     # teacher input size (short side); positional embeddings are interpolated when larger.
     d.TEACHER_INPUT_SIZE = 224
+    # teacher precision: "auto" (bf16 autocast on CUDA with bf16, fp16 on other CUDA, fp32 on
+    # CPU), "fp32", "bf16", "fp16" (CUDA only)
+    d.TEACHER_DTYPE = "auto"
+    # folder of a teacher-feature cache (tools/cache_teacher_features.py): training reads the
+    # teacher's outputs from it instead of running the teacher; "" = online teacher
+    d.TEACHER_CACHE = ""
 
     d.GLOBAL = CN()
     d.GLOBAL.ENABLED = False

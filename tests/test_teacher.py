@@ -194,3 +194,107 @@ def test_build_teacher_from_cfg():
     teacher = build_teacher_from_cfg(cfg)
     assert teacher.input_size == 96 and teacher.embed_dim == 64
     assert teacher.dense_embeddings(_images(1, 64, 128)).shape == (1, 64, 12, 24)
+
+
+# ---------------------------------------------------------------------------- one-pass last block
+def _two_pass_reference(teacher, images):
+    """The teacher's former forward, kept as the reference: the last block ran twice, once in full
+    (global output) and once with its attention replaced by the value path (dense output)."""
+    v = teacher.visual
+    x = teacher.preprocess(images)
+    patches = v.conv1(x)
+    b, c, h, w = patches.shape
+    tokens = torch.cat([v.class_embedding.view(1, 1, c).expand(b, 1, c), patches.flatten(2).mT], 1)
+    pos = interpolate_positional_embedding(v.positional_embedding, teacher.pretrain_grid, (h, w))
+    tokens = v.ln_pre(tokens + pos)
+    blocks = v.transformer.resblocks
+    for block in blocks[:-1]:
+        tokens = block(tokens)
+    last = blocks[-1]
+    final = last(tokens)
+    width = tokens.shape[-1]
+    attn = last.attn
+    normed = last.ln_1(tokens)
+    value = F.linear(normed, attn.in_proj_weight[2 * width :], attn.in_proj_bias[2 * width :])
+    if isinstance(attn, torch.nn.MultiheadAttention):
+        branch = attn.out_proj(value)
+    else:
+        if attn.head_scale is not None:
+            heads = attn.num_heads
+            value = value.reshape(b, -1, heads, width // heads) * attn.head_scale.view(1, 1, -1, 1)
+            value = value.reshape(b, -1, width)
+        branch = last.ln_attn(attn.out_proj(attn.ln_inner(value)))
+    dense = tokens + last.ls_1(branch)
+    dense = (dense + last.ls_2(last.mlp(last.ln_2(dense))))[:, 1:]
+    if v.pool_type == "tok":
+        pooled = v.ln_post(final[:, 0])
+    elif v.final_ln_after_pool:
+        pooled = v.ln_post(final[:, 1:].mean(dim=1))
+    else:
+        pooled = v.ln_post(final[:, 1:]).mean(dim=1)
+    dense = F.normalize(v.ln_post(dense) @ v.proj, dim=-1).mT.reshape(b, -1, h, w)
+    return F.normalize(pooled @ v.proj, dim=-1), dense
+
+
+def _variant_model(tmp_path, variant, extra):
+    cfg = json.loads((MODEL_CONFIG_DIR / "C2S-Tiny.json").read_text())
+    cfg["vision_cfg"].update(extra)
+    path = tmp_path / f"C2S-OnePass-{variant}.json"
+    path.write_text(json.dumps(cfg))
+    (name,) = register_model_configs([str(path)])
+    model = build_open_clip(name, "", random_init_seed=7)
+    for p in model.visual.parameters():  # scales and biases away from their init values
+        if p.ndim == 3 or p.shape == (64,) or p.ndim == 1:
+            p.data.add_(torch.rand(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    return model
+
+
+@pytest.mark.parametrize(
+    "variant, extra",
+    [
+        ("Default", {}),
+        ("AvgPool", {"pool_type": "avg"}),
+        ("CustomBlock", {"scale_heads": True, "scale_attn_inner": True, "ls_init_value": 0.5}),
+        ("ScaledAttn", {"scale_heads": True, "scale_attn": True}),
+    ],
+)
+def test_one_pass_last_block_equals_the_two_pass_reference(tmp_path, variant, extra):
+    # (open_clip's scaled cosine attention fails in open_clip itself: bmm on 4-D tensors)
+    model = _variant_model(tmp_path, variant, extra)
+    teacher = ClipTeacher(model)
+    images = _images(2, 64, 96, seed=11)
+    expected_global, expected_dense = _two_pass_reference(teacher, images)
+    calls = []
+    mlp = model.visual.transformer.resblocks[-1].mlp
+    handle = mlp.register_forward_hook(lambda *a: calls.append(1))
+    global_emb, dense = teacher(images)
+    handle.remove()
+    assert len(calls) == 1  # the last block's MLP runs once (it ran twice before)
+    assert (global_emb - expected_global).abs().max() <= 1e-5
+    assert (dense - expected_dense).abs().max() <= 1e-5
+    # not vacuous: the global path is not the value path
+    assert not torch.allclose(global_emb, F.normalize(dense.mean(dim=(2, 3)), dim=1), atol=1e-3)
+
+
+def test_teacher_dtype_setting():
+    from c2s_d2.modeling.clip.teacher import resolve_teacher_dtype
+
+    assert resolve_teacher_dtype("auto", "cpu") is None
+    assert resolve_teacher_dtype("fp32", "cpu") is None
+    assert resolve_teacher_dtype("BF16", "cpu") is torch.bfloat16
+    with pytest.raises(ValueError, match="'fp16' runs on CUDA only"):
+        resolve_teacher_dtype("fp16", "cpu")
+    with pytest.raises(ValueError, match="TEACHER_DTYPE: 'half' is not one of"):
+        resolve_teacher_dtype("half", "cpu")
+    with pytest.raises(ValueError, match="TEACHER_DTYPE: 'fp8'"):
+        ClipTeacher(build_open_clip(TINY, ""), dtype="fp8")
+
+
+def test_bf16_teacher_on_cpu_is_close_to_fp32(clip_model):
+    images = _images(2, 64, 64, seed=12)
+    g32, d32 = ClipTeacher(clip_model, dtype="fp32")(images)
+    g16, d16 = ClipTeacher(clip_model, dtype="bf16")(images)
+    assert g16.dtype == d16.dtype == torch.float32  # outputs are float32 in every precision
+    assert not torch.equal(d16, d32)  # bf16 really ran
+    # unit vectors: cosine = dot product; bf16 keeps ~3 significant digits
+    assert (g16 * g32).sum(-1).min() > 0.99 and (d16 * d32).sum(1).min() > 0.99

@@ -20,6 +20,7 @@ from detectron2.data import transforms as T
 from detectron2.structures import BitMasks, Instances
 from PIL import UnidentifiedImageError
 
+from .teacher_cache import open_teacher_cache_from_cfg
 from .zero_shot import IGNORE_LABEL, ZERO_SHOT_SETTINGS, apply_label_lut
 
 __all__ = [
@@ -41,13 +42,22 @@ def read_image_checked(file_name: str, fmt: str) -> np.ndarray:
 
 
 def read_label_checked(file_name: str) -> np.ndarray:
-    """Read a single-channel label PNG as uint8 [H, W]; refuse unreadable or multi-channel files."""
+    """Read a single-channel label PNG as [H, W]; refuse unreadable or multi-channel files.
+
+    8-bit labels come back as uint8. 16-bit labels (sets with more than 254 classes, ignore label
+    65535) come back as float32, which holds every 16-bit value exactly: detectron2's resize
+    takes float arrays but not uint16 or int32 ones.
+    """
     try:
         label = utils.read_image(file_name)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ValueError(f"cannot read label {file_name}: {e}") from e
     if label.ndim != 2:
         raise ValueError(f"label {file_name} has shape {label.shape}; expected a single channel")
+    if label.dtype != np.uint8:
+        if label.size and (label.min() < 0 or label.max() > 65535):
+            raise ValueError(f"label {file_name} holds values outside 0..65535")
+        label = label.astype(np.float32)
     return label
 
 
@@ -83,6 +93,7 @@ class C2SSemanticDatasetMapper:
         image_format: str,
         label_lut: Optional[np.ndarray],
         size_divisibility: int = -1,
+        teacher_cache=None,
     ):
         """
         Args:
@@ -98,6 +109,8 @@ class C2SSemanticDatasetMapper:
         self.image_format = image_format
         self.label_lut = None if label_lut is None else np.asarray(label_lut, dtype=np.int16)
         self.size_divisibility = size_divisibility
+        # c2s_d2.data.teacher_cache.TeacherFeatureCache: adds "teacher_cache" to training inputs
+        self.teacher_cache = teacher_cache
         logger.info(f"[C2SSemanticDatasetMapper] augmentations: {augmentations}")
 
     @classmethod
@@ -145,6 +158,7 @@ class C2SSemanticDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "label_lut": lut,
             "size_divisibility": cfg.INPUT.SIZE_DIVISIBILITY,
+            "teacher_cache": open_teacher_cache_from_cfg(cfg),
         }
 
     def __call__(self, dataset_dict: Dict) -> Dict:
@@ -161,9 +175,14 @@ class C2SSemanticDatasetMapper:
         if self.label_lut is not None:
             label = apply_label_lut(label, self.label_lut, label_file)
 
+        source_hw = image.shape[:2]
         aug_input = T.AugInput(image, sem_seg=label)
-        self.augmentations(aug_input)
+        transforms = self.augmentations(aug_input)
         image, label = aug_input.image, aug_input.sem_seg
+        if self.teacher_cache is not None:  # the same resize / crop / flip as the image
+            dataset_dict["teacher_cache"] = self.teacher_cache.lookup(
+                file_name, transforms, source_hw
+            )
 
         image_t = torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1)))
         label_t = torch.as_tensor(label.astype(np.int64))

@@ -82,6 +82,9 @@ class ReliableTrainer(DefaultTrainer):
         cfg = DefaultTrainer.auto_scale_workers(cfg, comm.get_world_size())
 
         model = self.build_model(cfg)
+        distiller = getattr(model, "distiller", None)
+        if hasattr(distiller, "prepare"):  # teacher and latent vocabulary now, not in step 1
+            distiller.prepare(cfg.MODEL.DEVICE)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg)
         on_cpu = all(p.device.type == "cpu" for p in model.parameters())

@@ -2,7 +2,9 @@
 
 Per training step (docs/METHOD.md):
 
-1. teacher forward on the batch: global image embeddings ``g_T`` and dense embeddings;
+1. teacher forward on the batch: global image embeddings ``g_T`` and dense embeddings (or,
+   with ``MODEL.C2S.DISTILL.TEACHER_CACHE``, both read from the teacher-feature cache through
+   the mapper: the teacher is then never built, see c2s_d2/data/teacher_cache.py);
 2. global distillation: CLS-query outputs, projected to the CLIP space, pulled to ``g_T``;
 3. pseudo-masks from the ignored area (label 255) of each image, on the teacher grid; pixels
    outside an image's true size (padding of the mapper or of the batch) are never ignored area;
@@ -15,8 +17,11 @@ Per training step (docs/METHOD.md):
    segments through the main matching, pseudo-masks among the remaining queries by mask cost)
    pulled to the teacher's region embedding.
 
-The teacher is built on the first training step, never at inference, and is not a registered
-sub-module: it is never saved in checkpoints. Latent memory and running means are buffers:
+The teacher and the latent-vocabulary text embeddings are built by :meth:`C2SDistiller.prepare`
+(called by the trainer at construction, else on the first training step), never at inference;
+the teacher is not a registered sub-module: it is never saved in checkpoints. The region
+embeddings of the ground-truth segments are pooled once per step (seen-filter calibration and
+local distillation share them). Latent memory and running means are buffers:
 they are saved, so training resumes exactly.
 """
 
@@ -30,7 +35,9 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from torch import nn
 
-from .clip.teacher import build_teacher_from_cfg
+from ..data.teacher_cache import cached_teacher_outputs
+
+from .clip.teacher import ClipTeacher, build_teacher_from_cfg, teacher_input_size
 from .clip.text_encoder import text_embeddings_from_cfg
 from .distillation.latent_classes import LatentClassMemory, RunningMean
 from .distillation.latent_text import latent_text_embeddings
@@ -95,6 +102,9 @@ class C2SDistiller(nn.Module):
         latent_reseed_after: int = 0,
         latent_class_weight: float,
         latent_text_args: Dict,
+        teacher_cache: bool = False,
+        teacher_patch_size: int = 16,
+        teacher_input_size: Optional[int] = None,
     ):
         """
         Args:
@@ -118,6 +128,10 @@ class C2SDistiller(nn.Module):
             latent_momentum: EMA momentum of the latent prototypes.
             latent_class_weight: weight of the latent targets in the classification loss.
             latent_text_args: ``topk``, ``tau``, ``lam`` of ``latent_text_embeddings``.
+            teacher_cache: take the teacher's outputs from the batch (``teacher_cache`` entries
+                of the mapper) instead of running the teacher.
+            teacher_patch_size, teacher_input_size: the teacher's patch size and input short side
+                (the grid of the cached outputs; used with ``teacher_cache`` only).
         """
         super().__init__()
         if latent_enabled and not use_pseudo_masks:
@@ -138,6 +152,9 @@ class C2SDistiller(nn.Module):
         self.latent_enabled = latent_enabled
         self.latent_class_weight = latent_class_weight
         self.latent_text_args = latent_text_args
+        self.teacher_cache = teacher_cache
+        self.teacher_patch_size = teacher_patch_size
+        self.teacher_input_size = teacher_input_size
         if global_weight > 0:
             self.global_proj = nn.Linear(hidden_dim, embed_dim)
         if latent_enabled:
@@ -168,7 +185,21 @@ class C2SDistiller(nn.Module):
                 return torch.zeros(0, embed_dim)
             return text_embeddings_from_cfg(clip_cfg, [[n] for n in names])
 
+        cache_args = {}
+        if d.TEACHER_CACHE:
+            from .clip.loader import get_model_config
+
+            clip = cfg.MODEL.CLIP
+            patch = get_model_config(clip.MODEL_NAME, tuple(clip.MODEL_CONFIG_FILES))[
+                "vision_cfg"
+            ].get("patch_size", 16)
+            cache_args = {
+                "teacher_cache": True,
+                "teacher_patch_size": int(patch if isinstance(patch, int) else patch[0]),
+                "teacher_input_size": d.TEACHER_INPUT_SIZE or None,
+            }
         return {
+            **cache_args,
             "hidden_dim": cfg.MODEL.C2S.HIDDEN_DIM,
             "embed_dim": embed_dim,
             "teacher_factory": lambda: build_teacher_from_cfg(clip_cfg),
@@ -210,7 +241,27 @@ class C2SDistiller(nn.Module):
     def needs_regions(self) -> bool:
         return self.local_weight > 0 or self.latent_enabled
 
+    def prepare(self, device: Optional[torch.device] = None) -> Dict[str, float]:
+        """Build the one-off parts before training: the teacher (unless features come from a
+        cache) and the latent-vocabulary text embeddings (read from the text-embedding cache
+        when encoded before). Returns the seconds each took."""
+        import time
+
+        times = {}
+        device = torch.device(device or "cpu")
+        if not self.teacher_cache and self._teacher is None:
+            t0 = time.perf_counter()
+            self.teacher(device)
+            times["teacher_build_s"] = time.perf_counter() - t0
+        if self.latent_enabled and self._vocab_text is None:
+            t0 = time.perf_counter()
+            self.vocabulary_text(device)
+            times["vocabulary_text_s"] = time.perf_counter() - t0
+        return times
+
     def teacher(self, device: torch.device):
+        if self.teacher_cache:
+            raise RuntimeError("the teacher is not built: its outputs come from the cache")
         if self._teacher is None:
             logger.info("building the CLIP teacher (training only)")
             self.__dict__["_teacher"] = self.teacher_factory()
@@ -225,8 +276,15 @@ class C2SDistiller(nn.Module):
     def forward(self, model, images, outputs: Dict, targets: List[Dict], batched_inputs) -> Dict:
         """All training losses of a C2S step (segmentation included), weighted."""
         x = images.tensor
-        teacher = self.teacher(x.device)
-        g_t, dense = teacher(model._rgb(x))
+        teacher = ClipTeacher  # region_embeddings is a static method
+        if self.teacher_cache:
+            grid = teacher_input_size(
+                *x.shape[-2:], self.teacher_patch_size, self.teacher_input_size
+            )
+            grid = tuple(s // self.teacher_patch_size for s in grid)
+            g_t, dense = cached_teacher_outputs(batched_inputs, x.shape[-2:], grid, x.device)
+        else:
+            g_t, dense = self.teacher(x.device)(model._rgb(x))
         losses: Dict[str, torch.Tensor] = {}
 
         if self.uses_global_queries:
@@ -235,8 +293,12 @@ class C2SDistiller(nn.Module):
             losses["loss_global_distill"] = self.global_weight * loss
 
         seen_bank = model.train_bank
+        # ground-truth segments pooled once: seen-filter calibration and local pairs share them
+        gt_embeds = None
+        if self.latent_enabled or (self.local_weight > 0 and self.use_gt_segments):
+            gt_embeds = teacher.region_embeddings(dense, [t["masks"] for t in targets])
         regions = self._pseudo_regions(
-            batched_inputs, x.shape[-2:], dense, teacher, seen_bank, targets
+            batched_inputs, x.shape[-2:], dense, teacher, seen_bank, targets, gt_embeds
         )
         bank = seen_bank
         if self.latent_enabled:
@@ -252,15 +314,20 @@ class C2SDistiller(nn.Module):
         losses.update(model.criterion.weight_losses(seg_losses))
 
         if self.local_weight > 0:
-            s, t = self._local_pairs(outputs, targets, indices, regions, pseudo_idx, dense, teacher)
+            s, t = self._local_pairs(
+                outputs, targets, indices, regions, pseudo_idx, dense, teacher, gt_embeds
+            )
             losses["loss_local_distill"] = self.local_weight * local_distillation_loss(s, t)
         return losses
 
     # ------------------------------------------------------------------ steps
     def _pseudo_regions(
-        self, batched_inputs, size, dense, teacher, seen_bank, targets=None
+        self, batched_inputs, size, dense, teacher, seen_bank, targets=None, gt_embeds=None
     ) -> List[Dict]:
-        """Per image: pseudo masks on the grid [R, h, w], their teacher embeddings, latent ids."""
+        """Per image: pseudo masks on the grid [R, h, w], their teacher embeddings, latent ids.
+
+        ``gt_embeds``: per image, the region embeddings [n_i, d] of all its ground-truth
+        segments (computed here from ``targets`` when not given)."""
         b, _, h, w = dense.shape
         empty = {
             "masks": dense.new_zeros((0, h, w), dtype=torch.bool),
@@ -279,7 +346,8 @@ class C2SDistiller(nn.Module):
         # the seen filter's threshold, measured on this step's labelled seen segments
         gt_best = dense.new_zeros(0)
         if targets is not None:
-            gt_embeds = teacher.region_embeddings(dense, [t["masks"] for t in targets])
+            if gt_embeds is None:
+                gt_embeds = teacher.region_embeddings(dense, [t["masks"] for t in targets])
             gt_best = best_seen_similarity(torch.cat(gt_embeds, dim=0), seen_bank)
         self.seen_filter.calibrate(gt_best)
         for r in out:
@@ -369,14 +437,22 @@ class C2SDistiller(nn.Module):
         w = class_weight[target] * weight
         return (ce * w).sum() / w.sum().clamp_min(1e-6)
 
-    def _local_pairs(self, outputs, targets, indices, regions, pseudo_idx, dense, teacher):
-        """(student class embeddings [R, d], teacher region embeddings [R, d]) of all regions."""
+    def _local_pairs(
+        self, outputs, targets, indices, regions, pseudo_idx, dense, teacher, gt_embeds=None
+    ):
+        """(student class embeddings [R, d], teacher region embeddings [R, d]) of all regions.
+
+        ``gt_embeds``: per image, region embeddings of all ground-truth segments (pooled here,
+        matched segments only, when not given)."""
         students, teachers = [], []
         embeds = outputs["class_embeds"]
         for i, (src, tgt) in enumerate(indices):
             if self.use_gt_segments and len(src) > 0:
-                masks = targets[i]["masks"][tgt.to(dense.device)]
-                teachers.append(teacher.region_embeddings(dense[i : i + 1], [masks])[0])
+                if gt_embeds is not None:
+                    teachers.append(gt_embeds[i][tgt.to(gt_embeds[i].device)])
+                else:
+                    masks = targets[i]["masks"][tgt.to(dense.device)]
+                    teachers.append(teacher.region_embeddings(dense[i : i + 1], [masks])[0])
                 students.append(embeds[i, src.to(embeds.device)])
             if self.use_pseudo_masks and len(pseudo_idx[i][0]) > 0:
                 q, r = pseudo_idx[i]

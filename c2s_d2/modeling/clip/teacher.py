@@ -12,15 +12,25 @@ One forward gives both outputs:
   This equals running the last block with an attention mask that lets every token see only
   itself, which is what the tests check.
 
+The last block runs once for both outputs (:func:`last_block_global_and_dense`): ``ln_1`` and the
+q/k/v projection are computed once; the global path attends with the class-token query only
+(all queries for average pooling), the dense path takes the value rows of the patch tokens, and
+the rest of the block (output projection, residual, MLP) runs once on both sets of tokens
+concatenated. Before, the block ran twice in full (ordinary block + value-path block).
+
 Positional embeddings are interpolated (bicubic) when the patch grid differs from the
 pretraining grid, so any input size that is a multiple of the patch size works; other sizes are
-resized first. Every output is L2-normalised; everything runs under ``torch.no_grad``.
+resized first. Every output is L2-normalised and float32; everything runs under
+``torch.no_grad`` (not ``inference_mode``: the outputs enter losses whose backward saves them,
+which inference tensors refuse), with the parameters frozen, and optionally in reduced precision
+(``MODEL.C2S.DISTILL.TEACHER_DTYPE``, see :func:`resolve_teacher_dtype`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from typing import List, Optional, Sequence, Tuple
+from typing import ContextManager, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -58,25 +68,115 @@ def interpolate_positional_embedding(
     return torch.cat([cls_pos, grid_pos.flatten(2)[0].T], dim=0)
 
 
+TEACHER_DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+def resolve_teacher_dtype(setting: str, device: Union[str, torch.device]) -> Optional[torch.dtype]:
+    """The autocast dtype of the teacher on ``device`` (``None``: plain float32).
+
+    ``"auto"``: bfloat16 on a CUDA device that supports it, float16 on other CUDA devices,
+    float32 on CPU. CPU autocast in bfloat16 is slower than float32 on CPUs without bf16 matrix
+    units (AMX / AVX512-BF16), and even with them it is not reliably faster: measured with
+    PyTorch 2.14 on a CPU with AMX, one ViT-B block ran 3x faster in bf16, but the whole
+    ViT-B/16 teacher at 448 px was 1.6x faster at batch 1 and 16x *slower* at batch 2 (a batched
+    matmul path that copies the weights at every call). ``"fp32"``, ``"bf16"``, ``"fp16"``: that
+    precision (``"fp16"`` on CPU is refused). Outputs are float32 in every case.
+    """
+    setting = str(setting).lower()
+    if setting not in TEACHER_DTYPES:
+        raise ValueError(
+            f"MODEL.C2S.DISTILL.TEACHER_DTYPE: {setting!r} is not one of {list(TEACHER_DTYPES)}"
+        )
+    on_cuda = torch.device(device).type == "cuda"
+    if setting == "auto":
+        if not on_cuda:
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if setting == "fp16" and not on_cuda:
+        raise ValueError(
+            "MODEL.C2S.DISTILL.TEACHER_DTYPE: 'fp16' runs on CUDA only; use 'bf16' or 'fp32' on CPU"
+        )
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[setting]
+
+
+def _attention_parts(block: nn.Module):
+    """(q/k/v weight [3C, C], bias [3C] or None, heads, Attention module or None) of a block."""
+    attn = block.attn
+    if isinstance(attn, nn.MultiheadAttention):  # open_clip's default ResidualAttentionBlock
+        return attn.in_proj_weight, attn.in_proj_bias, attn.num_heads, None
+    if isinstance(attn, Attention):  # open_clip's CustomResidualAttentionBlock
+        return attn.in_proj_weight, attn.in_proj_bias, attn.num_heads, attn
+    raise TypeError(f"MaskCLIP dense features do not support attention {type(attn).__name__}")
+
+
+def _split_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """[N, L, C] -> [N, H, L, C / H]."""
+    n, length, width = x.shape
+    return x.reshape(n, length, heads, width // heads).transpose(1, 2)
+
+
+def last_block_global_and_dense(
+    block: nn.Module, x: torch.Tensor, all_queries: bool
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The last ViT block run once for the global and the MaskCLIP dense outputs.
+
+    Args:
+        block: an open_clip ``ResidualAttentionBlock`` or ``CustomResidualAttentionBlock``.
+        x: [N, 1 + L, C] tokens entering the block (class token first).
+        all_queries: compute the ordinary block output for every token (average pooling);
+            False: for the class token only (class-token pooling).
+
+    Returns:
+        ``(ordinary [N, Lg, C], dense [N, L, C])``: the ordinary block output of the class token
+        (``Lg = 1``) or of all ``1 + L`` tokens, and the value-path output of the ``L`` patch
+        tokens (query-key attention replaced by each token attending to itself).
+    """
+    weight, bias, heads, custom = _attention_parts(block)
+    width = x.shape[-1]
+    h = block.ln_1(x)  # once for both paths
+    n_glob = h.shape[1] if all_queries else 1
+    # one projection: q rows for the global queries, k and v rows for every token
+    q = F.linear(h[:, :n_glob], weight[:width], None if bias is None else bias[:width])
+    kv = F.linear(h, weight[width:], None if bias is None else bias[width:])
+    k, v = kv.split(width, dim=-1)
+    qh, kh, vh = (_split_heads(t, heads) for t in (q, k, v))
+    if custom is not None:
+        if custom.logit_scale is not None:  # open_clip 3.3 itself fails on these (4-D bmm)
+            raise TypeError("the CLIP teacher does not support scaled cosine attention")
+        qh, kh = custom.ln_q(qh), custom.ln_k(kh)
+    attended = F.scaled_dot_product_attention(qh, kh, vh)  # [N, H, Lg, C / H]
+    # the value path of the patch tokens joins the attended global tokens from here on
+    mixed = torch.cat([attended, vh[:, :, 1:]], dim=2)
+    if custom is not None and custom.head_scale is not None:  # per-head output scale [H, 1, 1]
+        mixed = mixed * custom.head_scale
+    mixed = mixed.transpose(1, 2).reshape(x.shape[0], -1, width)
+    if custom is not None:
+        mixed = block.ln_attn(custom.out_proj(custom.ln_inner(mixed)))
+    else:
+        mixed = block.attn.out_proj(mixed)
+    residual = torch.cat([x[:, :n_glob], x[:, 1:]], dim=1)
+    y = residual + block.ls_1(mixed)
+    y = y + block.ls_2(block.mlp(block.ln_2(y)))
+    return y[:, :n_glob], y[:, n_glob:]
+
+
 def _value_path(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The attention branch of ``block`` with query-key attention replaced by identity.
 
-    x: [N, L, C] (batch first) normalised input of the attention -> [N, L, C].
+    x: [N, L, C] (batch first) normalised input of the attention -> [N, L, C]. (Used with
+    gradients by tools/pretrain_miniworld_clip.py; the teacher uses
+    :func:`last_block_global_and_dense`.)
     """
-    attn = block.attn
+    weight, bias, heads, custom = _attention_parts(block)
     width = x.shape[-1]
-    if isinstance(attn, nn.MultiheadAttention):  # open_clip's default ResidualAttentionBlock
-        bias = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
-        return attn.out_proj(F.linear(x, attn.in_proj_weight[2 * width :], bias))
-    if isinstance(attn, Attention):  # open_clip's CustomResidualAttentionBlock
-        bias = attn.in_proj_bias[2 * width :] if attn.in_proj_bias is not None else None
-        v = F.linear(x, attn.in_proj_weight[2 * width :], bias)
-        if attn.head_scale is not None:  # per-head output scale, [H, 1, 1]
-            n, length = v.shape[:2]
-            v = v.reshape(n, length, attn.num_heads, -1) * attn.head_scale.view(1, 1, -1, 1)
-            v = v.reshape(n, length, width)
-        return block.ln_attn(attn.out_proj(attn.ln_inner(v)))
-    raise TypeError(f"MaskCLIP dense features do not support attention {type(attn).__name__}")
+    v = F.linear(x, weight[2 * width :], None if bias is None else bias[2 * width :])
+    if custom is None:
+        return block.attn.out_proj(v)
+    if custom.head_scale is not None:  # per-head output scale, [H, 1, 1]
+        n, length = v.shape[:2]
+        v = v.reshape(n, length, heads, -1) * custom.head_scale.view(1, 1, -1, 1)
+        v = v.reshape(n, length, width)
+    return block.ln_attn(custom.out_proj(custom.ln_inner(v)))
 
 
 def _value_path_block(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -93,9 +193,13 @@ class ClipTeacher(nn.Module):
             image tower is kept.
         input_size: short side the images are resized to (``None``: keep the size, rounded to a
             multiple of the patch size).
+        dtype: precision setting of :func:`resolve_teacher_dtype` ("auto", "fp32", "bf16",
+            "fp16"), resolved on the device of each call.
     """
 
-    def __init__(self, clip_model: nn.Module, input_size: Optional[int] = None) -> None:
+    def __init__(
+        self, clip_model: nn.Module, input_size: Optional[int] = None, dtype: str = "fp32"
+    ) -> None:
         super().__init__()
         visual = getattr(clip_model, "visual", clip_model)
         if not isinstance(visual, VisionTransformer):
@@ -109,6 +213,11 @@ class ClipTeacher(nn.Module):
             raise ValueError("the CLIP teacher needs a projected, batch-first ViT image tower")
         self.visual = visual
         self.input_size = int(input_size) if input_size else None
+        if str(dtype).lower() not in TEACHER_DTYPES:
+            raise ValueError(
+                f"MODEL.C2S.DISTILL.TEACHER_DTYPE: {dtype!r} is not one of {list(TEACHER_DTYPES)}"
+            )
+        self.dtype_setting = str(dtype).lower()
         self.patch_size = int(visual.patch_size[0])
         if visual.patch_size[0] != visual.patch_size[1]:
             raise ValueError(f"non-square patches {visual.patch_size} are not supported")
@@ -128,20 +237,29 @@ class ClipTeacher(nn.Module):
         return super().train(False)
 
     # ---------------------------------------------------------------------------- preprocessing
-    def preprocess(self, images: torch.Tensor) -> torch.Tensor:
+    def preprocess(
+        self, images: torch.Tensor, size: Optional[Tuple[int, int]] = None
+    ) -> torch.Tensor:
         """[B, 3, H, W] RGB in 0..255 -> [B, 3, H', W'] CLIP-normalised, H', W' multiples of the
-        patch size (see ``teacher_input_size``)."""
+        patch size (see ``teacher_input_size``), or ``size`` when given."""
         if images.ndim != 4 or images.shape[1] != 3:
             raise ValueError(f"teacher images must be [B, 3, H, W] RGB, got {tuple(images.shape)}")
         dtype = self.visual.conv1.weight.dtype
         x = images.to(dtype)
-        size = teacher_input_size(*x.shape[-2:], self.patch_size, self.input_size)
+        if size is None:
+            size = teacher_input_size(*x.shape[-2:], self.patch_size, self.input_size)
+        elif any(int(s) <= 0 or int(s) % self.patch_size for s in size):
+            raise ValueError(
+                f"teacher input size {tuple(size)}: not multiples of {self.patch_size}"
+            )
+        size = tuple(int(s) for s in size)
         if tuple(x.shape[-2:]) != size:
             x = F.interpolate(x, size=size, mode="bilinear", align_corners=False, antialias=True)
         return (x - self.pixel_mean.to(dtype)) / self.pixel_std.to(dtype)
 
     def _global_pool(self, tokens: torch.Tensor) -> torch.Tensor:
-        """[B, 1 + h*w, C] final tokens -> [B, C] pooled and normalised as open_clip does."""
+        """Final tokens [B, 1 + h*w, C] ([B, 1, C]: the class token alone, for class-token
+        pooling) -> [B, C] pooled and normalised as open_clip does."""
         v = self.visual
         if v.pool_type == "tok":
             return v.ln_post(tokens[:, 0])  # LayerNorm is per token: pool and norm commute
@@ -150,30 +268,42 @@ class ClipTeacher(nn.Module):
         return v.ln_post(tokens[:, 1:]).mean(dim=1)
 
     # ---------------------------------------------------------------------------- embeddings
-    @torch.no_grad()
-    def forward(self, images: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        """images [B, 3, H, W] RGB 0..255 -> (global [B, d], dense [B, d, h, w]), unit norm.
+    def autocast(self, device: Union[str, torch.device]) -> ContextManager:
+        """Autocast to the precision of ``dtype_setting`` on ``device`` (a no-op for float32)."""
+        dtype = resolve_teacher_dtype(self.dtype_setting, device)
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=torch.device(device).type, dtype=dtype)
 
-        ``h, w`` are the teacher input size divided by the patch size.
+    @torch.no_grad()
+    def forward(
+        self, images: torch.Tensor, size: Optional[Tuple[int, int]] = None
+    ) -> Tuple[torch.Tensor, torch.Tensor]:
+        """images [B, 3, H, W] RGB 0..255 -> (global [B, d], dense [B, d, h, w]), unit norm,
+        float32.
+
+        ``h, w`` are the teacher input size (``size`` if given, else ``teacher_input_size``)
+        divided by the patch size.
         """
         v = self.visual
-        x = self.preprocess(images)
-        patches = v.conv1(x)  # [B, C, h, w]
-        b, c, h, w = patches.shape
-        cls_token = v.class_embedding.view(1, 1, c).expand(b, 1, c).to(patches.dtype)
-        tokens = torch.cat([cls_token, patches.flatten(2).transpose(1, 2)], dim=1)
-        pos = interpolate_positional_embedding(v.positional_embedding, self.pretrain_grid, (h, w))
-        tokens = v.ln_pre(tokens + pos.to(tokens.dtype))
-        blocks = v.transformer.resblocks
-        for block in blocks[:-1]:
-            tokens = block(tokens)
-        final = blocks[-1](tokens)
-        dense = _value_path_block(blocks[-1], tokens)[:, 1:]
-
-        global_emb = self._global_pool(final) @ v.proj
-        dense = v.ln_post(dense) @ v.proj  # [B, h*w, d]
-        dense = F.normalize(dense, dim=-1).transpose(1, 2).reshape(b, -1, h, w)
-        return F.normalize(global_emb, dim=-1), dense
+        with self.autocast(images.device):
+            x = self.preprocess(images, size)
+            patches = v.conv1(x)  # [B, C, h, w]
+            b, c, h, w = patches.shape
+            cls_token = v.class_embedding.view(1, 1, c).expand(b, 1, c).to(patches.dtype)
+            tokens = torch.cat([cls_token, patches.flatten(2).transpose(1, 2)], dim=1)
+            pos = interpolate_positional_embedding(
+                v.positional_embedding, self.pretrain_grid, (h, w)
+            )
+            tokens = v.ln_pre(tokens + pos.to(tokens.dtype))
+            blocks = v.transformer.resblocks
+            for block in blocks[:-1]:
+                tokens = block(tokens)
+            final, dense = last_block_global_and_dense(blocks[-1], tokens, v.pool_type != "tok")
+            global_emb = self._global_pool(final) @ v.proj
+            dense = v.ln_post(dense) @ v.proj  # [B, h*w, d]
+        dense = F.normalize(dense.float(), dim=-1).transpose(1, 2).reshape(b, -1, h, w)
+        return F.normalize(global_emb.float(), dim=-1), dense
 
     @torch.no_grad()
     def image_embedding(self, images: torch.Tensor) -> torch.Tensor:
@@ -216,7 +346,8 @@ class ClipTeacher(nn.Module):
 
 
 def build_teacher_from_cfg(cfg) -> ClipTeacher:
-    """The teacher of ``cfg.MODEL.CLIP`` at ``cfg.MODEL.C2S.DISTILL.TEACHER_INPUT_SIZE``."""
+    """The teacher of ``cfg.MODEL.CLIP`` at ``cfg.MODEL.C2S.DISTILL.TEACHER_INPUT_SIZE``, in the
+    precision of ``cfg.MODEL.C2S.DISTILL.TEACHER_DTYPE``."""
     clip = cfg.MODEL.CLIP
     model = build_open_clip(
         clip.MODEL_NAME,
@@ -225,6 +356,12 @@ def build_teacher_from_cfg(cfg) -> ClipTeacher:
         config_files=tuple(clip.MODEL_CONFIG_FILES),
         quick_gelu=clip.QUICK_GELU,
     )
-    teacher = ClipTeacher(model, input_size=cfg.MODEL.C2S.DISTILL.TEACHER_INPUT_SIZE)
-    logger.info("CLIP teacher %s, input short side %s", clip.MODEL_NAME, teacher.input_size)
+    d = cfg.MODEL.C2S.DISTILL
+    teacher = ClipTeacher(model, input_size=d.TEACHER_INPUT_SIZE, dtype=d.TEACHER_DTYPE)
+    logger.info(
+        "CLIP teacher %s, input short side %s, precision %s",
+        clip.MODEL_NAME,
+        teacher.input_size,
+        teacher.dtype_setting,
+    )
     return teacher
