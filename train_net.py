@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Train and evaluate c2s-d2 models with Detectron2.
 
-python train_net.py --config-file configs/miniworld/zs_baseline_R18.yaml MODEL.DEVICE cpu
+python train_net.py --config-file configs/miniworld/zs_baseline_R18_bs8_1k.yaml MODEL.DEVICE cpu
 python train_net.py --config-file <cfg> --eval-only MODEL.WEIGHTS <checkpoint>
 python train_net.py --config-file <cfg> --num-gpus 8
 python train_net.py --config-file <cfg> --resume        # continue exactly where a run stopped
@@ -39,7 +39,7 @@ from c2s_d2.engine import (
     enable_deterministic_mode,
 )
 from c2s_d2.engine.checkpoint import TAG_FILE, OutputDirLock, atomic_write, fetch_weights
-from c2s_d2.evaluation import C2SSemSegEvaluator, format_headline
+from c2s_d2.evaluation import C2SSemSegEvaluator, format_headline, format_results_table
 from c2s_d2.solver import build_c2s_lr_scheduler, build_c2s_optimizer
 from c2s_d2.utils.errors import is_user_error, one_line_error
 
@@ -85,6 +85,9 @@ class Trainer(ReliableTrainer):
             if comm.is_main_process():
                 print_csv_format(results[name])
                 print(f"[{name}] {format_headline(results[name])}", flush=True)
+        if len(results) > 1 and comm.is_main_process():
+            table = format_results_table(results)
+            print(f"Summary over {len(results)} datasets:\n{table}", flush=True)
         return results[cfg.DATASETS.TEST[0]] if len(results) == 1 else results
 
 

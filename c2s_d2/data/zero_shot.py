@@ -191,11 +191,13 @@ def unseen_dataset_ids(label_lut: Sequence[int], num_dataset_classes: int) -> Li
 
 
 def _has_unseen_pixel(label_file: str, unseen: np.ndarray) -> bool:
-    import cv2
+    from PIL import Image  # as the mapper reads labels: a palette PNG gives its indices
 
-    label = cv2.imread(label_file, cv2.IMREAD_UNCHANGED)
-    if label is None:
-        raise OSError(f"cannot read label file {label_file}")
+    try:
+        with Image.open(label_file) as img:
+            label = np.asarray(img)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise OSError(f"cannot read label file {label_file}: {e}") from e
     return bool(np.isin(label, unseen).any())
 
 

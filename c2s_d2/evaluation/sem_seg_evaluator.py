@@ -4,12 +4,40 @@ One evaluator serves every split of a dataset registered with
 :func:`c2s_d2.data.zero_shot.register_zero_shot_sem_seg`: the registered metadata is the single
 source of truth for class names and for which dataset ids are seen or unseen.
 
-Averaging policy (the zero-shot peers averaged NaN IoUs into their means; we do not):
+Averaging policy of the main keys (``mIoU``, ``mIoU-seen``, ``mIoU-unseen``, ``hIoU``, ``mACC``,
+``fwIoU``, ``IoU-<name>``), identical to detectron2's ``SemSegEvaluator``:
 
 * a class with no ground-truth pixel is left out of every mean and gets no ``IoU-<name>`` key;
 * a group (seen or unseen) with no ground-truth pixel at all reports ``float("nan")`` as its
   mean, and ``hIoU`` is then NaN too (a harmonic mean of a missing group is undefined);
 * otherwise ``hIoU = 2 * S * U / (S + U)``, and 0 when ``S + U == 0``.
+
+Two conventions: detectron2 and mmsegmentation
+-----------------------------------------------
+Zero-shot papers built on mmsegmentation (ZegCLIP-style tables) score a class that is *predicted
+but absent from the ground truth* as IoU 0; detectron2 leaves it out. Both compute per-class
+IoU = TP / (TP + FP + FN) from the confusion matrix summed over the whole dataset; they differ only
+in which classes enter the mean:
+
+* detectron2 (``detectron2/evaluation/sem_seg_evaluation.py``, ``SemSegEvaluator.evaluate``):
+  ``acc_valid = pos_gt > 0``, ``iou_valid = acc_valid & (union > 0)``; ``mIoU`` averages IoU over
+  the classes with at least one ground-truth pixel only.
+* mmsegmentation (``mmseg/evaluation/metrics/iou_metric.py``, ``IoUMetric.total_area_to_metrics``,
+  and ``mmseg/core/evaluation/metrics.py`` in 0.x, which ZegCLIP uses): ``IoU = intersect /
+  union`` for every class, then ``np.nanmean``. A class absent from the ground truth but predicted
+  somewhere has union > 0 and intersect 0: IoU 0, counted in the mean. A class neither present
+  nor predicted has union 0: IoU NaN (0/0), skipped by ``nanmean``. ZegCLIP's seen / unseen
+  means are ``nanmean`` over ``IoU[seen_idx]`` / ``IoU[unseen_idx]`` of that same array.
+
+So ``mIoU_mmseg <= mIoU`` always (the extra classes add zeros), with equality exactly when no
+class is predicted while absent from the ground truth; the same holds per group, except that a
+group with no ground-truth pixel (NaN here) is 0 under mmseg when one of its classes is
+predicted. Over a whole benchmark's evaluation set
+every class is usually present and the two agree. Pixel accuracy (mmseg ``aAcc``) and mean class
+accuracy (mmseg ``mAcc``: NaN where a class has no ground truth, skipped) are the same in both.
+The mmseg-convention keys are ``mIoU_mmseg``, ``mIoU-seen_mmseg``, ``mIoU-unseen_mmseg`` and
+``hIoU_mmseg`` (a group whose classes all have union 0 is NaN, as ``nanmean`` of nothing); the
+log shows both conventions side by side.
 
 In the saved metrics JSON, NaN is written as ``null`` so that the file stays strict JSON.
 """
@@ -62,10 +90,38 @@ def class_iou_and_accuracy(conf: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np
     return iou, acc, present
 
 
+def mmseg_class_iou(conf: np.ndarray) -> np.ndarray:
+    """Per-class IoU in mmsegmentation's convention (``total_area_to_metrics``).
+
+    Args:
+        conf: (C, C) pixel counts, rows = ground truth, columns = prediction.
+
+    Returns:
+        (C,) float64 ``intersect / union``: 0 for a class predicted but absent from the ground
+        truth, NaN only where the union is 0 (class neither present nor predicted).
+    """
+    conf = np.asarray(conf, dtype=np.float64)
+    tp = np.diag(conf)
+    union = conf.sum(axis=1) + conf.sum(axis=0) - tp
+    iou = np.full(conf.shape[0], np.nan)
+    scored = union > 0
+    iou[scored] = tp[scored] / union[scored]
+    return iou
+
+
 def _group_mean(values: np.ndarray, present: np.ndarray, ids: Sequence[int]) -> float:
     """Mean of ``values`` over the ``ids`` that are present; NaN when none is."""
     keep = [i for i in ids if present[i]]
     return float(np.mean(values[keep])) if keep else float("nan")
+
+
+def _harmonic_iou(seen: float, unseen: float) -> float:
+    """``2 S U / (S + U)``; NaN when either group is NaN, 0 when ``S + U == 0``."""
+    if math.isnan(seen) or math.isnan(unseen):
+        return float("nan")
+    if seen + unseen == 0:
+        return 0.0
+    return 2 * seen * unseen / (seen + unseen)
 
 
 def compute_zero_shot_metrics(
@@ -83,9 +139,10 @@ def compute_zero_shot_metrics(
             in ``mIoU`` only.
 
     Returns:
-        ``mIoU``, ``mIoU-seen``, ``mIoU-unseen``, ``hIoU``, ``pAcc``, ``fwIoU``, ``mACC`` and
-        ``IoU-<name>`` for every class with ground-truth pixels. See the module docstring for
-        absent classes and empty groups (NaN).
+        ``mIoU``, ``mIoU-seen``, ``mIoU-unseen``, ``hIoU``, ``pAcc``, ``fwIoU``, ``mACC`` (the
+        detectron2 convention), ``mIoU_mmseg``, ``mIoU-seen_mmseg``, ``mIoU-unseen_mmseg``,
+        ``hIoU_mmseg`` (the mmsegmentation convention) and ``IoU-<name>`` for every class with
+        ground-truth pixels. See the module docstring for absent classes and empty groups (NaN).
     """
     conf = np.asarray(conf)
     if conf.ndim != 2 or conf.shape[0] != conf.shape[1]:
@@ -111,12 +168,12 @@ def compute_zero_shot_metrics(
 
     miou_seen = _group_mean(iou, present, seen)
     miou_unseen = _group_mean(iou, present, unseen)
-    if math.isnan(miou_seen) or math.isnan(miou_unseen):
-        hiou = float("nan")
-    elif miou_seen + miou_unseen == 0:
-        hiou = 0.0
-    else:
-        hiou = 2 * miou_seen * miou_unseen / (miou_seen + miou_unseen)
+    hiou = _harmonic_iou(miou_seen, miou_unseen)
+    # mmsegmentation's convention: every class with union > 0 counts (see the module docstring).
+    iou_mm = mmseg_class_iou(conf)
+    scored_mm = ~np.isnan(iou_mm)
+    mm_seen = _group_mean(iou_mm, scored_mm, seen)
+    mm_unseen = _group_mean(iou_mm, scored_mm, unseen)
 
     if total > 0:
         pacc = float(np.trace(conf)) / total
@@ -132,6 +189,10 @@ def compute_zero_shot_metrics(
     metrics["pAcc"] = 100 * pacc
     metrics["fwIoU"] = 100 * fwiou
     metrics["mACC"] = 100 * _group_mean(acc, present, all_ids)
+    metrics["mIoU_mmseg"] = 100 * _group_mean(iou_mm, scored_mm, all_ids)
+    metrics["mIoU-seen_mmseg"] = 100 * mm_seen
+    metrics["mIoU-unseen_mmseg"] = 100 * mm_unseen
+    metrics["hIoU_mmseg"] = 100 * _harmonic_iou(mm_seen, mm_unseen)
     for i in all_ids:
         if present[i]:
             metrics[f"IoU-{class_names[i]}"] = 100 * float(iou[i])
@@ -211,7 +272,8 @@ class C2SSemSegEvaluator(DatasetEvaluator):
             ) from None
 
     def _read_gt(self, path: str) -> np.ndarray:
-        """(H, W) int64 ground truth in dataset ids; refuses ids outside 0..C-1 and 255."""
+        """(H, W) int64 ground truth in dataset ids, from an 8-bit or a 16-bit PNG; refuses ids
+        outside 0..C-1 and the dataset's ``ignore_label`` (255, or 65535 for 16-bit sets)."""
         with PathManager.open(path, "rb") as f:
             gt = np.asarray(Image.open(f))
         if gt.ndim != 2:
@@ -288,26 +350,33 @@ class C2SSemSegEvaluator(DatasetEvaluator):
         )
 
     def _log_table(self, conf: np.ndarray, metrics: Dict[str, float]) -> None:
-        """Log per-class IoU / accuracy with a seen/unseen column, then the summary line."""
+        """Log per-class IoU / accuracy with a seen/unseen column and the mmseg-convention IoU,
+        then the summary of both conventions side by side."""
         iou, acc, present = class_iou_and_accuracy(conf)
+        iou_mm = mmseg_class_iou(conf)
         seen, unseen = set(self._seen_ids), set(self._unseen_ids)
         rows = []
         for i, name in enumerate(self._class_names):
             group = "seen" if i in seen else ("unseen" if i in unseen else "-")
+            mm = "n/a" if np.isnan(iou_mm[i]) else f"{100 * iou_mm[i]:.2f}"
             if present[i]:
-                rows.append([i, name, group, f"{100 * iou[i]:.2f}", f"{100 * acc[i]:.2f}"])
+                rows.append([i, name, group, f"{100 * iou[i]:.2f}", f"{100 * acc[i]:.2f}", mm])
             else:
-                rows.append([i, name, group, "no GT", "no GT"])
+                rows.append([i, name, group, "no GT", "no GT", mm])
         table = tabulate(
             rows,
-            headers=["id", "class", "split", "IoU", "Acc"],
+            headers=["id", "class", "split", "IoU", "Acc", "IoU (mmseg)"],
             tablefmt="pipe",
             disable_numparse=True,
         )
         summary_keys = ["mIoU", "mIoU-seen", "mIoU-unseen", "hIoU", "pAcc", "fwIoU", "mACC"]
+        mm_keys = ["mIoU_mmseg", "mIoU-seen_mmseg", "mIoU-unseen_mmseg", "hIoU_mmseg"]
         summary = tabulate(
-            [[f"{metrics[k]:.2f}" for k in summary_keys]],
-            headers=summary_keys,
+            [
+                ["detectron2"] + [f"{metrics[k]:.2f}" for k in summary_keys],
+                ["mmseg"] + [f"{metrics[k]:.2f}" for k in mm_keys] + ["", "", ""],
+            ],
+            headers=["convention"] + summary_keys,
             tablefmt="pipe",
             disable_numparse=True,
         )
