@@ -33,6 +33,7 @@ setup(
     description="CLIP-to-Seg distillation for zero-shot semantic segmentation, on Detectron2",
     long_description=LONG_DESCRIPTION,
     long_description_content_type="text/markdown",
+    license="Apache-2.0",  # the LICENSE file's text
     python_requires=">=3.10",
     packages=find_packages(include=["c2s_d2", "c2s_d2.*"]),
     package_data={

@@ -2,7 +2,7 @@
 """Web demo: segment an image with your own class names in the browser (Gradio).
 
     python demo/app.py                      # the mini-world model `make run` trained
-    python demo/app.py --port 7861 --config-file configs/miniworld/zs_baseline_R18.yaml \
+    python demo/app.py --port 7861 --config-file configs/miniworld/zs_baseline_R18_bs8_1k.yaml \
         --opts MODEL.WEIGHTS output/make_run/zs_baseline/seed0/model_final.pth
 
 Then open http://127.0.0.1:7860 (or the ``--port`` given). The page takes an image (upload, or a
@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-DEFAULT_CONFIG = os.path.join(ROOT, "configs/miniworld/c2s_full_R18.yaml")
+DEFAULT_CONFIG = os.path.join(ROOT, "configs/miniworld/c2s_full_R18_bs8_1k.yaml")
 # where `make run` (tools/benchmark_miniworld.py --output output/make_run) leaves full C2S, seed 0
 DEFAULT_WEIGHTS = os.path.join(ROOT, "output/make_run/c2s_full/seed0/model_final.pth")
 DEFAULT_PORT = 7860

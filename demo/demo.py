@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Segment images with a trained c2s-d2 student and your own class names.
 
-    python demo/demo.py --config-file configs/miniworld/zs_baseline_R18.yaml \
+    python demo/demo.py --config-file configs/miniworld/zs_baseline_R18_bs8_1k.yaml \
         --input photo.jpg "more/*.png" pictures/ --output out/ --vocabulary "grass,water,brick" \
         --opts MODEL.WEIGHTS output/miniworld_zs_baseline_R18/model_final.pth
 

@@ -29,8 +29,8 @@ from detectron2.config import CfgNode, get_cfg  # noqa: E402
 from c2s_d2 import add_c2s_config  # noqa: E402  (also registers models and datasets)
 from c2s_d2.data.dataset_mapper import semantic_to_instances  # noqa: E402
 
-BASELINE_CONFIG = "configs/coco_stuff/zs_baseline_R50.yaml"
-C2S_CONFIG = "configs/coco_stuff/c2s_R50.yaml"
+BASELINE_CONFIG = "configs/coco_stuff/zs_baseline_R50_bs32_80k.yaml"
+C2S_CONFIG = "configs/coco_stuff/c2s_R50_bs32_80k.yaml"
 IGNORE_LABEL = 255
 
 # Real size: no download (random weights); one prompt template, because prompt ensembling only

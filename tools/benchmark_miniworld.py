@@ -45,13 +45,23 @@ CONFIGS = os.path.join(ROOT, "configs", "miniworld")
 STRICT = ["DATASETS.ZERO_SHOT_SETTING", "inductive_strict"]
 # name, config, label, extra overrides
 TRAINED = [
-    ("zs_baseline", "zs_baseline_R18.yaml", "zero-shot baseline (no distillation)", []),
-    ("c2s_global", "c2s_global_R18.yaml", "C2S global only", []),
-    ("c2s_local", "c2s_local_R18.yaml", "C2S local only (with latent classes)", []),
-    ("c2s_local_nolatent", "c2s_local_nolatent_R18.yaml", "C2S local only, no latent classes", []),
-    ("c2s_full", "c2s_full_R18.yaml", "full C2S", []),
-    ("zs_baseline_strict", "zs_baseline_R18.yaml", "zero-shot baseline, strict inductive", STRICT),
-    ("c2s_full_strict", "c2s_full_R18.yaml", "full C2S, strict inductive", STRICT),
+    ("zs_baseline", "zs_baseline_R18_bs8_1k.yaml", "zero-shot baseline (no distillation)", []),
+    ("c2s_global", "c2s_global_R18_bs8_1k.yaml", "C2S global only", []),
+    ("c2s_local", "c2s_local_R18_bs8_1k.yaml", "C2S local only (with latent classes)", []),
+    (
+        "c2s_local_nolatent",
+        "c2s_local_nolatent_R18_bs8_1k.yaml",
+        "C2S local only, no latent classes",
+        [],
+    ),
+    ("c2s_full", "c2s_full_R18_bs8_1k.yaml", "full C2S", []),
+    (
+        "zs_baseline_strict",
+        "zs_baseline_R18_bs8_1k.yaml",
+        "zero-shot baseline, strict inductive",
+        STRICT,
+    ),
+    ("c2s_full_strict", "c2s_full_R18_bs8_1k.yaml", "full C2S, strict inductive", STRICT),
 ]
 MAIN = ("zs_baseline", "c2s_full")  # the paired comparison: over --main-seeds
 EVAL_ONLY = [

@@ -28,6 +28,7 @@ from detectron2.projects.point_rend.point_features import (
     get_uncertain_point_coords_with_randomness,
     point_sample,
 )
+from detectron2.utils import comm
 from torch import nn
 
 from .matcher import HungarianMatcher, Indices
@@ -300,10 +301,9 @@ class SetCriterion(nn.Module):
         count = torch.tensor(
             float(sum(len(t["labels"]) for t in targets)), dtype=torch.float32, device=device
         )
-        world_size = 1
-        if dist.is_available() and dist.is_initialized():
+        world_size = comm.get_world_size()  # 1 without an initialised process group
+        if world_size > 1:
             dist.all_reduce(count)
-            world_size = dist.get_world_size()
         return float(torch.clamp(count / world_size, min=1.0).item())
 
     def weight_losses(self, losses: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.utils.registry import Registry
+from fvcore.nn import weight_init
 from torch import nn
 
 C2S_PIXEL_DECODER_REGISTRY = Registry("C2S_PIXEL_DECODER")
@@ -77,9 +78,7 @@ class C2SFPNPixelDecoder(nn.Module):
         self.mask_features = Conv2d(conv_dim, mask_dim, 3, padding=1)
         for m in self.modules():
             if isinstance(m, Conv2d):
-                nn.init.kaiming_uniform_(m.weight, a=1)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+                weight_init.c2_xavier_fill(m)  # kaiming_uniform_(a=1), bias 0
         self.conv_dim = conv_dim
         self.mask_dim = mask_dim
 

@@ -7,11 +7,12 @@ a set name from ``TEMPLATES`` or a text file with one template per line (``#`` s
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from collections.abc import Mapping
-from typing import Dict, Iterator, List, Sequence, Union
+from pathlib import Path
+from types import MappingProxyType
+from typing import List, Sequence, Union
 
-_IMAGENET80_FILE = Path(__file__).resolve().parent / "templates_imagenet80.txt"
+from open_clip.zero_shot_metadata import OPENAI_IMAGENET_TEMPLATES, SIMPLE_IMAGENET_TEMPLATES
 
 
 def read_templates_file(path: Union[str, Path]) -> List[str]:
@@ -36,40 +37,20 @@ def check_templates(templates: Sequence[str], source: str = "templates") -> List
     return templates
 
 
-# The 7-template subset CLIP's authors found best for ImageNet ensembling.
-_SHORT = [
-    "itap of a {}.",
-    "a bad photo of the {}.",
-    "a origami {}.",
-    "a photo of the large {}.",
-    "a {} in a video game.",
-    "art of the {}.",
-    "a photo of the small {}.",
-]
+def _sentences(templates) -> List[str]:
+    """open_clip's templates are functions of the class name; ours are strings with ``"{}"``."""
+    return check_templates([t("{}") for t in templates], source="open_clip.zero_shot_metadata")
 
 
-class _TemplateSets(Mapping):
-    """Template sets by name; sets kept in data files are read on first use."""
-
-    def __init__(self, inline: Dict[str, List[str]], files: Dict[str, Path]) -> None:
-        self._sets = dict(inline)
-        self._files = dict(files)
-
-    def __getitem__(self, name: str) -> List[str]:
-        if name not in self._sets and name in self._files:
-            self._sets[name] = read_templates_file(self._files[name])
-        return self._sets[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(sorted(set(self._sets) | set(self._files)))
-
-    def __len__(self) -> int:
-        return len(set(self._sets) | set(self._files))
-
-
-TEMPLATES: Mapping[str, List[str]] = _TemplateSets(
-    inline={"short": _SHORT, "single": ["a photo of a {}."]},
-    files={"imagenet80": _IMAGENET80_FILE},
+# The sets as open_clip ships them (open_clip.zero_shot_metadata): the 80 templates of CLIP's
+# ImageNet zero-shot evaluation (Radford et al., 2021) and the 7-template subset CLIP's authors
+# found best for ImageNet ensembling, in the same order as before (tests/test_library_helpers.py).
+TEMPLATES: Mapping[str, List[str]] = MappingProxyType(
+    {
+        "imagenet80": _sentences(OPENAI_IMAGENET_TEMPLATES),
+        "short": _sentences(SIMPLE_IMAGENET_TEMPLATES),
+        "single": ["a photo of a {}."],
+    }
 )
 
 

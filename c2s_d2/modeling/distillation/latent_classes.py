@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from detectron2.utils import comm
 from torch import nn
 
 __all__ = [
@@ -40,7 +41,7 @@ _EPS = 1e-6
 
 def is_distributed() -> bool:
     """True when a process group with more than one process is running."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    return comm.get_world_size() > 1  # detectron2's: 1 without an initialised process group
 
 
 @torch.no_grad()
