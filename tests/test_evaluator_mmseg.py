@@ -155,3 +155,18 @@ def test_matches_detectron2_semsegevaluator_and_mmseg_reference(tmp_path):
     assert m["mIoU-unseen_mmseg"] == pytest.approx(100 * np.nanmean(ref[[2, 3]]))
     assert m["mIoU_mmseg"] < m["mIoU"]  # the zero of "bird" lowers the mmseg mean
     assert os.path.isfile(records[0]["sem_seg_file_name"])
+
+
+def test_class_argmax_equals_torch_argmax_with_ties_and_nan():
+    import torch
+
+    from c2s_d2.evaluation.sem_seg_evaluator import class_argmax
+
+    g = torch.Generator().manual_seed(0)
+    scores = torch.randint(0, 5, (100, 7, 9), generator=g).float()  # many ties
+    assert torch.equal(class_argmax(scores), scores.argmax(dim=0))
+    scores = torch.rand(100, 7, 9, generator=g)
+    assert torch.equal(class_argmax(scores), scores.argmax(dim=0))
+    scores[37, 3, 4] = float("nan")
+    assert torch.equal(class_argmax(scores), scores.argmax(dim=0))
+    assert class_argmax(scores)[3, 4] == 37

@@ -279,7 +279,10 @@ def test_one_pass_last_block_equals_the_two_pass_reference(tmp_path, variant, ex
 def test_teacher_dtype_setting():
     from c2s_d2.modeling.clip.teacher import resolve_teacher_dtype
 
-    assert resolve_teacher_dtype("auto", "cpu") is None
+    from c2s_d2.modeling.clip.teacher import cpu_has_native_bf16
+
+    want = torch.bfloat16 if cpu_has_native_bf16() else None
+    assert resolve_teacher_dtype("auto", "cpu") is want
     assert resolve_teacher_dtype("fp32", "cpu") is None
     assert resolve_teacher_dtype("BF16", "cpu") is torch.bfloat16
     with pytest.raises(ValueError, match="'fp16' runs on CUDA only"):
@@ -298,3 +301,24 @@ def test_bf16_teacher_on_cpu_is_close_to_fp32(clip_model):
     assert not torch.equal(d16, d32)  # bf16 really ran
     # unit vectors: cosine = dot product; bf16 keeps ~3 significant digits
     assert (g16 * g32).sum(-1).min() > 0.99 and (d16 * d32).sum(1).min() > 0.99
+
+
+def test_bf16_on_cpu_runs_a_bf16_copy_and_stays_close_to_fp32():
+    """TEACHER_DTYPE bf16 on CPU: a bfloat16 copy of the frozen tower (not autocast), kept out of
+    the state dict; float32 outputs within bfloat16 noise of the float32 teacher."""
+    torch.manual_seed(0)
+    model = build_open_clip(TINY, "")
+    fp32 = ClipTeacher(model, dtype="fp32")
+    low = ClipTeacher(model, dtype="bf16")
+    images = torch.rand(2, 3, 64, 80) * 255
+    g32, d32 = fp32(images)
+    g16, d16 = low(images)
+    assert g16.dtype == d16.dtype == torch.float32
+    assert low.tower("cpu").conv1.weight.dtype == torch.bfloat16
+    assert low.visual.conv1.weight.dtype == torch.float32  # the module's own weights untouched
+    assert set(low.state_dict()) == set(fp32.state_dict())
+    assert all(v.dtype == torch.float32 for v in low.state_dict().values())
+    cos_g = F.cosine_similarity(g16, g32, dim=1)
+    cos_d = F.cosine_similarity(d16, d32, dim=1)
+    assert cos_g.min() > 0.99 and cos_d.min() > 0.99
+    assert not torch.equal(g16, g32)  # it did run in reduced precision
