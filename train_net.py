@@ -38,6 +38,7 @@ from c2s_d2.engine import (
     build_resumable_train_loader,
     enable_deterministic_mode,
 )
+from c2s_d2.data.datasets.custom import check_env_datasets
 from c2s_d2.engine.checkpoint import TAG_FILE, OutputDirLock, atomic_write, fetch_weights
 from c2s_d2.evaluation import C2SSemSegEvaluator, format_headline, format_results_table
 from c2s_d2.solver import build_c2s_lr_scheduler, build_c2s_optimizer
@@ -264,6 +265,7 @@ def check_device(cfg: CfgNode, num_gpus: int) -> None:
 
 def check_run(cfg: CfgNode, args) -> None:
     """What can be refused before anything is built or written."""
+    check_env_datasets()  # a malformed $C2S_CUSTOM_DATASETS, kept from import time
     if getattr(args, "deterministic", False) and cfg.SEED < 0:
         raise ValueError(f"--deterministic needs SEED >= 0, got SEED {cfg.SEED}")
     check_numbers(cfg)

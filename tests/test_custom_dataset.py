@@ -366,3 +366,24 @@ def test_env_variable_registers_at_import(tmp_path):
     )
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip().splitlines()[-1] == "['road', 'car'] 3"
+
+
+def test_bad_env_entry_does_not_break_import_and_is_refused_in_one_line():
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    code = (
+        "import c2s_d2\n"
+        "from c2s_d2.data.datasets.custom import check_env_datasets\n"
+        "try:\n"
+        "    check_env_datasets()\n"
+        "except ValueError as e:\n"
+        "    print('REFUSED', e)\n"
+    )
+    env = dict(os.environ, C2S_CUSTOM_DATASETS="bad", PYTHONPATH=root)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "REFUSED C2S_CUSTOM_DATASETS: entry 'bad' is not" in out.stdout

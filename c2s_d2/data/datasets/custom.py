@@ -46,6 +46,7 @@ is read too; there ``text_names``, when given, replace the name for the text enc
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from concurrent.futures import ThreadPoolExecutor
@@ -720,4 +721,20 @@ def check_folder_dataset(
     return report
 
 
-register_from_env()
+# Registered on import (every process of a multi-process run imports c2s_d2). A bad entry must
+# not make `import c2s_d2` fail with a traceback: it is kept and raised by `check_env_datasets`,
+# which train_net.py calls where its one-line refusals are printed.
+_ENV_ERROR: Optional[ValueError] = None
+
+
+def check_env_datasets() -> None:
+    """Raise the error ``$C2S_CUSTOM_DATASETS`` gave on import, if any (``ValueError``)."""
+    if _ENV_ERROR is not None:
+        raise _ENV_ERROR
+
+
+try:
+    register_from_env()
+except ValueError as _e:
+    _ENV_ERROR = _e
+    logging.getLogger(__name__).error(str(_e))
