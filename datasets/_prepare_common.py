@@ -271,12 +271,19 @@ def format_summary(summaries: Sequence[SplitSummary], class_names: Sequence[str]
 
 
 def run_cli(
-    prepare: Callable[..., List[SplitSummary]],
-    class_names: Callable[[], Sequence[str]],
+    prepare: Callable[..., List],
+    class_names: Optional[Callable[[], Sequence[str]]],
     description: str,
     argv: Optional[Sequence[str]] = None,
+    add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None,
+    summarize: Optional[Callable[[List], str]] = None,
 ) -> int:
-    """Command line shared by the scripts; returns the exit code (1 with a one-line error)."""
+    """Command line shared by the scripts; returns the exit code (1 with a one-line error).
+
+    ``prepare`` gets ``root``, ``workers``, ``progress`` and the arguments ``add_arguments`` adds,
+    by name; the result is printed by ``summarize`` (default: ``format_summary`` with
+    ``class_names()``).
+    """
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument(
         "--root", default=None, help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)"
@@ -288,12 +295,18 @@ def run_cli(
         help="worker processes (0 or 1: convert in this process)",
     )
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    args = parser.parse_args(argv)
+    if add_arguments is not None:
+        add_arguments(parser)
+    args = vars(parser.parse_args(argv))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    progress = not args.pop("no_progress")
     try:
-        summaries = prepare(root=args.root, workers=args.workers, progress=not args.no_progress)
+        summaries = prepare(progress=progress, **args)
     except PrepareError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
-    print(format_summary(summaries, class_names()))
+    if summarize is None:
+        print(format_summary(summaries, class_names()))
+    else:
+        print(summarize(summaries))
     return 0

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
-import sys
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -32,6 +30,7 @@ from _prepare_common import (
     PrepareError,
     _remove_stale_temporaries,
     read_index_png,
+    run_cli,
 )
 
 IGNORE_16 = 65535  # ignore label of the 16-bit sets (the 8-bit ones keep 255)
@@ -271,30 +270,15 @@ def run_transfer_cli(
     argv: Optional[Sequence[str]] = None,
     add_arguments: Optional[Callable[[argparse.ArgumentParser], None]] = None,
 ) -> int:
-    """Command line shared by the transfer scripts; returns the exit code (1: one-line error).
-
-    ``prepare`` gets ``root``, ``workers``, ``progress`` and the extra arguments by name.
+    """Command line shared by the transfer scripts (``run_cli`` with their summary); returns the
+    exit code (1: one-line error). ``prepare`` gets ``root``, ``workers``, ``progress`` and the
+    extra arguments by name.
     """
-    parser = argparse.ArgumentParser(description=description)
-    parser.add_argument(
-        "--root", default=None, help="datasets root (default: $DETECTRON2_DATASETS or ./datasets)"
+    return run_cli(
+        prepare,
+        None,
+        description,
+        argv,
+        add_arguments=add_arguments,
+        summarize=format_transfer_summary,
     )
-    parser.add_argument(
-        "--workers",
-        type=int,
-        default=min(8, os.cpu_count() or 1),
-        help="worker processes (0 or 1: convert in this process)",
-    )
-    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    if add_arguments is not None:
-        add_arguments(parser)
-    args = vars(parser.parse_args(argv))
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    progress = not args.pop("no_progress")
-    try:
-        summaries = prepare(progress=progress, **args)
-    except PrepareError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    print(format_transfer_summary(summaries))
-    return 0

@@ -194,20 +194,26 @@ def load_benchmark_records(split: BenchmarkSplit) -> List[Dict]:
 
     Raises ``DatasetNotPreparedError`` naming the missing folder or list, with the prepare command.
     """
+    return prepared_records(
+        split.image_dir, split.label_dir, split.list_file, f"run: {prepare_command(split.dataset)}"
+    )
+
+
+def prepared_records(
+    image_dir: str, label_dir: str, list_file: Optional[str], hint: str
+) -> List[Dict]:
+    """Image/label pairs of a prepared split under the datasets root (folders and optional list
+    of stems relative to it); ``DatasetNotPreparedError`` naming what is missing, with ``hint``."""
     root = dataset_root()
-    hint = f"run: {prepare_command(split.dataset)}"
     stems = None
-    if split.list_file is not None:
-        list_path = os.path.join(root, split.list_file)
+    if list_file is not None:
+        list_path = os.path.join(root, list_file)
         if not os.path.isfile(list_path):
             raise DatasetNotPreparedError(f"split list not found: {list_path} ({hint})")
         with open(list_path, encoding="utf-8") as f:
             stems = [line.split()[0] for line in f if line.strip()]
     return list_image_label_pairs(
-        os.path.join(root, split.image_dir),
-        os.path.join(root, split.label_dir),
-        stems=stems,
-        prepare_hint=hint,
+        os.path.join(root, image_dir), os.path.join(root, label_dir), stems=stems, prepare_hint=hint
     )
 
 

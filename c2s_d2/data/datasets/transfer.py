@@ -36,8 +36,8 @@ from typing import Dict, List, Optional, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from ..zero_shot import EVALUATOR_TYPE, DatasetNotPreparedError, list_image_label_pairs
-from .builtin_benchmarks import dataset_root, load_class_data
+from ..zero_shot import EVALUATOR_TYPE
+from .builtin_benchmarks import dataset_root, load_class_data, prepared_records
 
 _DATA_DIR = os.path.dirname(os.path.abspath(__file__))
 IGNORE_8 = 255
@@ -151,19 +151,8 @@ def load_transfer_class_names(
 
 def load_transfer_records(split: TransferSet) -> List[Dict]:
     """Detectron2 dicts (``file_name``, ``sem_seg_file_name``, ``image_id``) of a prepared set."""
-    root = dataset_root()
-    hint = f"run: python {split.prepare} --root {root}"
-    list_path = os.path.join(root, split.list_file)
-    if not os.path.isfile(list_path):
-        raise DatasetNotPreparedError(f"split list not found: {list_path} ({hint})")
-    with open(list_path, encoding="utf-8") as f:
-        stems = [line.split()[0] for line in f if line.strip()]
-    return list_image_label_pairs(
-        os.path.join(root, split.image_dir),
-        os.path.join(root, split.label_dir),
-        stems=stems,
-        prepare_hint=hint,
-    )
+    hint = f"run: python {split.prepare} --root {dataset_root()}"
+    return prepared_records(split.image_dir, split.label_dir, split.list_file, hint)
 
 
 def register_transfer_sets(sets: Optional[Tuple[TransferSet, ...]] = None) -> List[str]:
