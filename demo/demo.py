@@ -44,6 +44,7 @@ from c2s_d2 import add_c2s_config  # noqa: E402
 from c2s_d2.config import inference_cfg  # noqa: E402
 from c2s_d2.data.dataset_mapper import read_image_checked  # noqa: E402
 from c2s_d2.engine import C2SCheckpointer  # noqa: E402
+from c2s_d2.export.runtime import check_names  # noqa: E402
 from c2s_d2.modeling.meta_arch import class_text_names  # noqa: E402
 from c2s_d2.utils.errors import is_user_error, one_line_error  # noqa: E402
 
@@ -54,14 +55,7 @@ GLOB_CHARS = "*?["
 
 def parse_vocabulary(text: str) -> List[str]:
     """``"cat, dog,grass"`` -> ``["cat", "dog", "grass"]``; refuses empty and duplicate names."""
-    names = [n.strip() for n in text.split(",")]
-    if not text.strip() or any(not n for n in names):
-        raise ValueError(f"--vocabulary {text!r}: empty class name (give e.g. 'cat,dog,grass')")
-    lowered = [n.lower() for n in names]
-    dups = sorted({n for n in lowered if lowered.count(n) > 1})
-    if dups:
-        raise ValueError(f"--vocabulary: duplicate class names {dups}")
-    return names
+    return check_names(text.split(","), "--vocabulary", example=text)
 
 
 def _images_in_folder(folder: str) -> List[str]:
