@@ -16,19 +16,14 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from tiny_student import TINY_STUDENT  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 
 CONFIG = os.path.join(ROOT, "configs/miniworld/zs_baseline_R18.yaml")
 DATASET = "c2s_miniworld_val"
-TINY = [
-    "MODEL.C2S.DEC_LAYERS", "2",
-    "MODEL.C2S.NUM_OBJECT_QUERIES", "8",
-    "MODEL.C2S.HIDDEN_DIM", "64",
-    "MODEL.C2S.PIXEL_DECODER.CONV_DIM", "64",
-    "MODEL.C2S.PIXEL_DECODER.MASK_DIM", "64",
-]  # fmt: skip
+TINY = TINY_STUDENT
 # a second vocabulary: other names, another K (a few mini-world materials, a few others)
 OTHER_NAMES = ["lava", "ice", "grass", "sky", "road", "wooden table", "person"]
 NUM_IMAGES = 3

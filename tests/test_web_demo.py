@@ -25,17 +25,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from tiny_student import TINY_STUDENT  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs/miniworld/zs_baseline_R18.yaml")
 # a smaller student, as in tests/test_demo.py
-TINY = [
-    "MODEL.C2S.DEC_LAYERS", "2",
-    "MODEL.C2S.NUM_OBJECT_QUERIES", "8",
-    "MODEL.C2S.HIDDEN_DIM", "64",
-    "MODEL.C2S.PIXEL_DECODER.CONV_DIM", "64",
-    "MODEL.C2S.PIXEL_DECODER.MASK_DIM", "64",
-]  # fmt: skip
+TINY = TINY_STUDENT
 MINIWORLD_NAMES = [
     "grass", "water", "brick", "sand", "snow", "wood", "marble", "lava",
     "moss", "ice", "gravel", "carpet", "asphalt", "foliage", "tiles", "rust",
