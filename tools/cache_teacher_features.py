@@ -25,7 +25,7 @@ import logging
 import os
 import sys
 import time
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, Optional, Sequence, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -36,6 +36,7 @@ from detectron2.data import get_detection_dataset_dicts  # noqa: E402
 
 from c2s_d2 import add_c2s_config  # noqa: E402  (also registers the datasets)
 from c2s_d2.data.dataset_mapper import read_image_checked  # noqa: E402
+from c2s_d2.utils.errors import is_user_error, one_line_error  # noqa: E402
 from c2s_d2.data.teacher_cache import (  # noqa: E402
     build_shard_plan,
     cache_fingerprint,
@@ -119,6 +120,8 @@ def progress_callback(total: int, shard_id: int):
 def load_cfg(args):
     cfg = get_cfg()
     add_c2s_config(cfg)
+    if not os.path.isfile(args.config_file):
+        raise FileNotFoundError(f"--config-file {args.config_file}: no such file")
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     return cfg
@@ -203,7 +206,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    return run(parse_args(argv))
+    args = parse_args(argv)
+    try:
+        return run(args)
+    except Exception as e:  # input errors (files, config keys, a mismatched cache) in one line
+        if not is_user_error(e, scripts=(__file__,)):
+            raise
+        sys.exit(f"cache_teacher_features.py: error: {one_line_error(e)}")
 
 
 if __name__ == "__main__":
