@@ -94,9 +94,22 @@ def test_sample_batch_is_seeded_and_captions_name_the_materials():
     assert images.shape == (20, 64, 64, 3) and images.dtype == np.uint8
     for caption, group in zip(captions, groups):
         assert len(group) >= 1
-        assert all(MINIWORLD_CLASSES[i] in caption for i in group), (caption, group)
+        assert all(pretrain.TEACHER_CLASSES[i] in caption for i in group), (caption, group)
     assert all(len(g) == 1 for g in groups[13:])  # 5 scenes, 8 crops, 7 material patches
     assert all(g == {0, 9} for g in groups[:5])  # whole scenes show both materials
+
+
+def test_crops_of_unlabelled_pixels_are_drawn_again():
+    """A crop of clutter / blur only names no material: it is redrawn, never captioned empty
+    (a 2-material scene, labelled only in its top-left 24 x 24 px: most crops miss it)."""
+    bank = _FakeBank()
+    bank.labels[:] = 255
+    bank.labels[:, :24, :12], bank.labels[:, :24, 12:24] = 3, 7  # sand | lava
+    images, captions, groups = pretrain.sample_batch(bank, np.random.default_rng(2), 40, 64)
+    crops = range(10, 26)  # 10 scenes, 16 crops, 14 patches
+    for k in crops:
+        assert groups[k] and groups[k] <= {3, 7}, (captions[k], groups[k])
+        assert all(pretrain.TEACHER_CLASSES[i] in captions[k] for i in groups[k])
 
 
 @pytest.fixture
@@ -106,6 +119,7 @@ def tiny_miniworld(tmp_path, monkeypatch):
     monkeypatch.setenv("C2S_MINIWORLD_NUM_TRAIN", "16")
     monkeypatch.setenv("C2S_MINIWORLD_NUM_VAL", "4")
     monkeypatch.setenv("C2S_MINIWORLD_TEACHER_NUM_TRAIN", "16")
+    monkeypatch.setenv("C2S_MINIWORLD_TRANSFER_NUM_VAL", "4")
     return tmp_path
 
 
@@ -166,9 +180,11 @@ def test_quick_run_writes_a_loadable_checkpoint_and_a_report(tiny_miniworld):
     with open(pretrain.report_path(out), "r", encoding="utf-8") as f:
         saved = json.load(f)
     for kind in ("global", "dense", "global_patch128", "dense_patch128"):
-        assert set(saved[kind]) >= {"seen", "unseen", "all"}
+        assert set(saved[kind]) >= {"seen", "unseen", "transfer", "all"}
         assert 0.0 <= saved[kind]["seen"] <= 1.0 and 0.0 <= saved[kind]["unseen"] <= 1.0
+        assert list(saved[kind]["per_class"]) == pretrain.TEACHER_CLASSES  # a 22-way choice
     assert "hIoU" in saved["dense_val_segmentation"]
+    assert "hIoU" in saved["dense_transfer_segmentation"]
 
     stored = torch.load(out, map_location="cpu", weights_only=True)["state_dict"]
     assert all(v.dtype == torch.float16 for v in stored.values() if v.is_floating_point())
@@ -217,6 +233,22 @@ def test_shipped_miniworld_teacher_knows_the_unseen_materials():
         accuracy[weights] = float(np.mean(pred[unseen] == truth[unseen]))
     assert accuracy["miniworld"] >= 0.9, accuracy
     assert accuracy[""] <= 0.5, accuracy
+
+
+def test_shipped_miniworld_teacher_knows_the_transfer_materials():
+    """The teacher's "web" names the 6 materials of the transfer set (no mini-world label or name
+    holds them): among the 22 names it picks theirs for their patches."""
+    from c2s_d2.modeling.clip.text_encoder import text_embeddings
+
+    classes = pretrain.TEACHER_CLASSES
+    truth = np.repeat(np.array(pretrain.GROUPS["transfer"]), 4)
+    rng = np.random.default_rng(321)
+    patches = np.stack([pretrain.render_material_patch(int(c), 64, rng, "teacher") for c in truth])
+    images = torch.from_numpy(patches).permute(0, 3, 1, 2).float()
+    teacher = ClipTeacher(build_open_clip("C2S-Tiny-Text32", "miniworld"))
+    names = text_embeddings(classes, "C2S-Tiny-Text32", "miniworld", templates="short")
+    pred = (teacher(images)[0] @ names.T).argmax(1).numpy()
+    assert float(np.mean(pred == truth)) >= 0.9
 
 
 def test_unknown_tag_lists_the_shipped_one():

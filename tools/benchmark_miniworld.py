@@ -8,14 +8,21 @@
 
 Variants: the zero-shot baseline, global only, local only, local without latent classes and
 full C2S (trained), the baseline and full C2S in the strict inductive setting (training images
-holding an unseen pixel dropped), plus teacher-only dense and two-stage (evaluated; two-stage
-uses the baseline's student). The baseline and full C2S run over ``--main-seeds`` (default 5
-seeds), the other variants over ``--seeds`` (default 3).
+holding an unseen pixel dropped), full C2S trained from the teacher-feature cache
+(``tools/cache_teacher_features.py``, built once under ``<output>/teacher_cache``), plus
+teacher-only dense and two-stage (evaluated; two-stage uses the baseline's student) and the
+transfer evaluation: the baseline's and full C2S's weights evaluated on the transfer mini-world
+(``c2s_miniworld_transfer_val``: other layouts, scales, lighting and 6 new materials). The
+baseline, full C2S, the cached variant and the transfer evaluations run over ``--main-seeds``
+(default 5 seeds), the other variants over ``--seeds`` (default 3).
 
 No stale results: every run folder holds ``run_key.json`` (a fingerprint of the package's code,
 ``train_net.py`` and the mini-world configs; the config and overrides; the teacher's weights;
 the dataset's generator version and parameters). A finished run is read back only when its key
-equals the current one; a stale run is deleted and rerun. Runs train with ``--deterministic``. All use the same CLIP (the teacher) for the text side, so the only
+equals the current one; a stale run is deleted and rerun. ``--records DIR`` (default
+``docs/benchmark_miniworld_runs`` for the default output) keeps each finished run's key and
+metrics, a few KiB tracked in git, so that a benchmark spanning several machines resumes from
+them; an evaluation whose record is gone retrains its source when the weights are gone too. Runs train with ``--deterministic``. All use the same CLIP (the teacher) for the text side, so the only
 difference is distillation: by default the configs' teacher, the tiny CLIP pretrained on the
 mini-world that ships with the package (``C2S-Tiny-Text32`` + ``miniworld``); ``--teacher PATH``
 uses another checkpoint, ``--teacher ''`` random weights. Each run's metrics are read back from
@@ -36,9 +43,10 @@ import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "miniworld")
@@ -62,12 +70,55 @@ TRAINED = [
         STRICT,
     ),
     ("c2s_full_strict", "c2s_full_R18_bs8_1k.yaml", "full C2S, strict inductive", STRICT),
+    (
+        "c2s_full_cached",
+        "c2s_full_R18_bs8_1k.yaml",
+        "full C2S, teacher-feature cache",
+        ["MODEL.C2S.DISTILL.TEACHER_CACHE", "{cache}"],
+    ),
 ]
 MAIN = ("zs_baseline", "c2s_full")  # the paired comparison: over --main-seeds
+MAIN_SEEDED = MAIN + ("c2s_full_cached",)  # variants over --main-seeds
+VAL = "c2s_miniworld_val"
+TRANSFER = "c2s_miniworld_transfer_val"
+TEST_TRANSFER = ["DATASETS.TEST", f"('{TRANSFER}',)"]
+# name, config, label, extra overrides, the trained variant whose weights it evaluates, dataset
 EVAL_ONLY = [
-    ("teacher_dense", "teacher_dense.yaml", "teacher-only dense (MaskCLIP-style)", []),
-    ("two_stage", "two_stage_R18.yaml", "two-stage (baseline student + teacher per mask)", []),
+    (
+        "transfer_zs_baseline",
+        "zs_baseline_R18_bs8_1k.yaml",
+        "zero-shot baseline on the transfer set",
+        TEST_TRANSFER,
+        "zs_baseline",
+        TRANSFER,
+    ),
+    (
+        "transfer_c2s_full",
+        "c2s_full_R18_bs8_1k.yaml",
+        "full C2S on the transfer set",
+        TEST_TRANSFER,
+        "c2s_full",
+        TRANSFER,
+    ),
+    (
+        "teacher_dense",
+        "teacher_dense.yaml",
+        "teacher-only dense (MaskCLIP-style)",
+        [],
+        "zs_baseline",
+        VAL,
+    ),
+    (
+        "two_stage",
+        "two_stage_R18.yaml",
+        "two-stage (baseline student + teacher per mask)",
+        [],
+        "zs_baseline",
+        VAL,
+    ),
 ]
+TRANSFER_PAIR = ("transfer_zs_baseline", "transfer_c2s_full")
+CACHE_PAIR = ("c2s_full", "c2s_full_cached")
 KEY_FILE = "run_key.json"
 KEYS = ("mIoU-seen", "mIoU-unseen", "hIoU", "mIoU")
 FILTER_KEYS = ("seen_filter_rejected_pct", "latent_reseeds")
@@ -77,12 +128,12 @@ _ITER_RE = re.compile(r"(?:eta: (\S+)\s+)?iter: (\d+)")
 BEGIN, END = "<!-- benchmark_miniworld:begin -->", "<!-- benchmark_miniworld:end -->"
 
 
-def metrics_path(out_dir: str) -> str:
-    return os.path.join(out_dir, "inference", "c2s_miniworld_val", "sem_seg_metrics.json")
+def metrics_path(out_dir: str, dataset: str = VAL) -> str:
+    return os.path.join(out_dir, "inference", dataset, "sem_seg_metrics.json")
 
 
-def read_metrics(out_dir: str) -> Optional[Dict[str, float]]:
-    path = metrics_path(out_dir)
+def read_metrics(out_dir: str, dataset: str = VAL) -> Optional[Dict[str, float]]:
+    path = metrics_path(out_dir, dataset)
     if not os.path.isfile(path):
         return None
     with open(path) as f:
@@ -214,20 +265,86 @@ def run_train_net(args: List[str], log: str, threads: int = 0, label: str = "run
         raise RuntimeError(f"train_net.py failed (log: {log}):\n{tail}")
 
 
+def record_path(records: str, name: str, seed: int) -> str:
+    return os.path.join(records, name, f"seed{seed}.json")
+
+
+def _matchable(key: Dict) -> Dict:
+    """A key without the weights file's hash (a retrained source has the same run key)."""
+    return {k: v for k, v in key.items() if k != "eval_weights"}
+
+
+def read_record(records: Optional[str], name: str, seed: int, key: Dict) -> Optional[Dict]:
+    """The recorded metrics of run ``name``/``seed`` when the record's key equals ``key``."""
+    if not records:
+        return None
+    try:
+        with open(record_path(records, name, seed)) as f:
+            rec = json.load(f)
+    except (OSError, ValueError):
+        return None
+    return rec.get("metrics") if _matchable(rec.get("key") or {}) == _matchable(key) else None
+
+
+def write_record(records: Optional[str], name: str, seed: int, key: Dict, metrics: Dict) -> None:
+    """Keep a finished run's key and metrics (a few KiB, tracked in git): the benchmark resumes
+    on another machine from the records where the run folders (weights, logs) are gone."""
+    if not records:
+        return
+    path = record_path(records, name, seed)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({"key": key, "metrics": metrics}, f, indent=1, sort_keys=True)
+    os.replace(tmp, path)
+
+
+def key_digest(key: Dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()
+
+
 def run_variant(
-    name, config, seed, opts, out_root, eval_only_weights=None, threads=0, code=""
-) -> Dict[str, float]:
+    name,
+    config,
+    seed,
+    opts,
+    out_root,
+    eval_only_weights=None,
+    threads=0,
+    code="",
+    dataset=VAL,
+    records=None,
+    source_key=None,
+    need_weights=False,
+    prepare=None,
+) -> Tuple[Dict[str, float], Dict]:
+    """Train (or, with ``eval_only_weights``, evaluate) one variant and seed; returns its
+    metrics and run key. Reads back a finished run folder with the same key, else a record with
+    the same key (``records``; not when ``need_weights``: the caller needs the weights file).
+    ``prepare()`` runs before a run that has to train or evaluate."""
     out = os.path.join(out_root, name, f"seed{seed}")
     key = run_key(config, [*opts, "SEED", str(seed)], eval_only_weights, code)
+    if source_key is not None:
+        key["eval_source"] = key_digest(source_key)
     stored = read_key(out)
     if os.path.isdir(out) and stored != key:
         why = "no key" if stored is None else ", ".join(k for k in key if stored.get(k) != key[k])
         print(f"  {name} seed {seed}: stale ({why}): rerun", flush=True)
         shutil.rmtree(out)
-    cached = read_metrics(out)
+    cached = read_metrics(out, dataset)
     if cached is not None:
         print(f"  {name} seed {seed}: cached")
-        return dict(cached, **(read_filter_stats(out) or {}))
+        metrics = dict(cached, **(read_filter_stats(out) or {}))
+        if read_record(records, name, seed, key) is None:
+            write_record(records, name, seed, key, metrics)
+        return metrics, key
+    if not need_weights:
+        recorded = read_record(records, name, seed, key)
+        if recorded is not None:
+            print(f"  {name} seed {seed}: recorded")
+            return recorded, key
+    if prepare is not None:
+        prepare()
     os.makedirs(out, exist_ok=True)
     with open(os.path.join(out, KEY_FILE), "w") as f:
         json.dump(key, f, indent=1)
@@ -241,11 +358,31 @@ def run_variant(
         args.insert(0, "--resume")
     start = time.time()
     run_train_net(args, os.path.join(out, "benchmark.log"), threads, f"{name} seed {seed}")
-    metrics = read_metrics(out)
+    metrics = read_metrics(out, dataset)
     if metrics is None:
         raise RuntimeError(f"{name} seed {seed}: no metrics written under {out}")
-    print(f"  {name} seed {seed}: {time.time() - start:.0f} s  " + fmt_row(metrics))
-    return dict(metrics, **(read_filter_stats(out) or {}))
+    print(f"  {name} seed {seed}: {time.time() - start:.0f} s  " + fmt_row(metrics), flush=True)
+    metrics = dict(metrics, **(read_filter_stats(out) or {}))
+    write_record(records, name, seed, key, metrics)
+    return metrics, key
+
+
+def build_teacher_cache(cache_dir: str, config: str, opts: List[str], threads: int) -> None:
+    """``tools/cache_teacher_features.py`` for the mini-world's training images (resumable: a
+    complete cache is checked and kept)."""
+    cmd = [sys.executable, os.path.join(ROOT, "tools", "cache_teacher_features.py")]
+    cmd += ["--config-file", os.path.join(CONFIGS, config), "--output", cache_dir, *opts]
+    env = dict(os.environ)
+    if threads > 0:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    os.makedirs(cache_dir, exist_ok=True)
+    log = os.path.join(cache_dir, "cache.log")
+    with open(log, "w") as f:
+        proc = subprocess.run(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env)
+    if proc.returncode != 0:
+        with open(log) as f:
+            tail = f.read()[-2000:]
+        raise RuntimeError(f"cache_teacher_features.py failed (log: {log}):\n{tail}")
 
 
 def configs_max_iter() -> str:
@@ -303,15 +440,47 @@ def summarise(runs: Dict[str, Dict[int, Dict[str, float]]]) -> Dict[str, Dict[st
     return out
 
 
-def paired_differences(runs) -> Dict[int, Dict[str, float]]:
-    """Full C2S minus the baseline, per seed both ran."""
-    if not all(n in runs for n in MAIN):
+def paired_differences(runs, pair=MAIN) -> Dict[int, Dict[str, float]]:
+    """``pair[1]`` minus ``pair[0]`` (default: full C2S minus the baseline), per seed both ran."""
+    if not all(n in runs for n in pair):
         return {}
-    base, full = runs[MAIN[0]], runs[MAIN[1]]
+    base, full = runs[pair[0]], runs[pair[1]]
     return {s: {k: full[s][k] - base[s][k] for k in KEYS} for s in sorted(set(base) & set(full))}
 
 
+def _paired_table(diffs: Dict[int, Dict[str, float]], keys=KEYS) -> List[str]:
+    lines = ["| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+    for sd, d in diffs.items():
+        lines.append(f"| {sd} | " + " | ".join(f"{d[k]:+.1f}" for k in keys) + " |")
+    mean = {k: statistics.fmean(d[k] for d in diffs.values()) for k in keys}
+    wins = {k: sum(d[k] > 0 for d in diffs.values()) for k in keys}
+    lines.append(
+        "| mean (seeds better) | "
+        + " | ".join(f"{mean[k]:+.1f} ({wins[k]}/{len(diffs)})" for k in keys)
+        + " |"
+    )
+    return lines
+
+
+def _per_seed_rows(runs, names, labels) -> List[str]:
+    seeds = sorted({sd for n in names for sd in runs[n]})
+    lines = ["| variant | " + " | ".join(f"seed {sd}" for sd in seeds) + " |"]
+    lines += ["|---|" + "---|" * len(seeds)]
+    for name in names:
+        cells = []
+        for sd in seeds:
+            m = runs[name].get(sd)
+            cells.append(
+                "-"
+                if m is None
+                else " / ".join(f"{m[k]:.1f}" for k in ("mIoU-seen", "mIoU-unseen", "hIoU"))
+            )
+        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def markdown(summary, runs, labels, meta) -> str:
+    main = [n for n in summary if n not in TRANSFER_PAIR]
     lines = [
         "## Mini-world benchmark",
         "",
@@ -325,7 +494,8 @@ def markdown(summary, runs, labels, meta) -> str:
         "| variant | seeds | mIoU-seen | mIoU-unseen | hIoU | mIoU | seen filter |",
         "|---|---|---|---|---|---|---|",
     ]
-    for name, s in summary.items():
+    for name in main:
+        s = summary[name]
         cells = [f"{s[k][0]:.1f} ± {s[k][1]:.1f}" for k in KEYS]
         rate = s.get("seen_filter_rejected_pct")
         rate_cell = f"{rate[0]:.1f} %" if rate else "-"
@@ -333,32 +503,38 @@ def markdown(summary, runs, labels, meta) -> str:
             f"| {labels[name]} | {s[KEYS[0]][2]} | " + " | ".join(cells) + f" | {rate_cell} |"
         )
     lines += ["", "Per seed (mIoU-seen / mIoU-unseen / hIoU):", ""]
-    seeds = sorted({sd for by_seed in runs.values() for sd in by_seed})
-    lines += ["| variant | " + " | ".join(f"seed {sd}" for sd in seeds) + " |"]
-    lines += ["|---|" + "---|" * len(seeds)]
-    for name, by_seed in runs.items():
-        cells = []
-        for sd in seeds:
-            m = by_seed.get(sd)
-            cells.append(
-                "-"
-                if m is None
-                else " / ".join(f"{m[k]:.1f}" for k in ("mIoU-seen", "mIoU-unseen", "hIoU"))
-            )
-        lines.append(f"| {labels[name]} | " + " | ".join(cells) + " |")
+    lines += _per_seed_rows(runs, main, labels)
     diffs = paired_differences(runs)
     if diffs:
-        lines += ["", "Full C2S minus the baseline, paired by seed:", ""]
-        lines += ["| seed | " + " | ".join(KEYS) + " |", "|---|" + "---|" * len(KEYS)]
-        for sd, d in diffs.items():
-            lines.append(f"| {sd} | " + " | ".join(f"{d[k]:+.1f}" for k in KEYS) + " |")
-        mean = {k: statistics.fmean(d[k] for d in diffs.values()) for k in KEYS}
-        wins = {k: sum(d[k] > 0 for d in diffs.values()) for k in KEYS}
-        lines.append(
-            "| mean (seeds better) | "
-            + " | ".join(f"{mean[k]:+.1f} ({wins[k]}/{len(diffs)})" for k in KEYS)
-            + " |"
-        )
+        lines += ["", "Full C2S minus the baseline, paired by seed:", ""] + _paired_table(diffs)
+    cached = paired_differences(runs, CACHE_PAIR)
+    if cached:
+        lines += ["", "Teacher-feature cache minus the online teacher (full C2S), paired by seed:"]
+        lines += [""] + _paired_table(cached)
+    transfer = [n for n in TRANSFER_PAIR if n in summary]
+    if transfer:
+        lines += [
+            "",
+            "### Transfer: the same models on the transfer mini-world",
+            "",
+            "The baseline and full C2S models above, evaluated with no retraining on "
+            "`c2s_miniworld_transfer_val` (other layouts, scales and lighting; 22 classes). "
+            "Here *old* is the mean IoU over the mini-world's 16 materials and *new* over the 6 "
+            "materials no mini-world scene, label or name holds (hIoU: their harmonic mean).",
+            "",
+            "| model | seeds | old | new | hIoU | mIoU |",
+            "|---|---|---|---|---|---|",
+        ]
+        for name in transfer:
+            s = summary[name]
+            cells = [f"{s[k][0]:.1f} ± {s[k][1]:.1f}" for k in KEYS]
+            lines.append(f"| {labels[name]} | {s[KEYS[0]][2]} | " + " | ".join(cells) + " |")
+        lines += ["", "Per seed (old / new / hIoU):", ""]
+        lines += _per_seed_rows(runs, transfer, labels)
+        tdiffs = paired_differences(runs, TRANSFER_PAIR)
+        if tdiffs:
+            lines += ["", "Full C2S minus the baseline on the transfer set, paired by seed:", ""]
+            lines += _paired_table(tdiffs)
     lines += ["", "![mini-world benchmark](benchmark_miniworld.png)", ""]
     return "\n".join(lines)
 
@@ -369,7 +545,7 @@ def bar_chart(summary, labels, path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(summary)
+    names = [n for n in summary if n not in TRANSFER_PAIR]
     fig, ax = plt.subplots(figsize=(10, 4))
     width = 0.27
     for j, k in enumerate(KEYS[:3]):
@@ -409,6 +585,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--chart", default=None, help="default: docs/benchmark_miniworld.png")
     p.add_argument("--json", default=None)
     p.add_argument(
+        "--records",
+        default=None,
+        help="folder of finished runs' keys and metrics, read back when a run folder is gone "
+        "(default: docs/benchmark_miniworld_runs for the default --output, else none)",
+    )
+    p.add_argument(
         "--jobs", type=int, default=None, help="runs at a time (default 1; --quick: up to 4 CPUs)"
     )
     p.add_argument(
@@ -421,7 +603,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         "--variants",
         nargs="+",
         default=None,
-        help="only these (default: all): " + " ".join(n for n, _, _, _ in TRAINED + EVAL_ONLY),
+        help="only these (default: all): " + " ".join(t[0] for t in TRAINED + EVAL_ONLY),
     )
     p.add_argument("--device", default="", help="MODEL.DEVICE of every run, e.g. cuda")
     p.add_argument("--opts", nargs=argparse.REMAINDER, default=[], help="extra config overrides")
@@ -436,6 +618,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         args.jobs = args.jobs or min(4, os.cpu_count() or 1)
     args.jobs = args.jobs or 1
     where = os.path.join(ROOT, "output", "benchmark_miniworld_quick") if args.quick else None
+    if args.records is None and not args.output and not args.quick:
+        args.records = os.path.join(DOCS, "benchmark_miniworld_runs")
+    records = args.records or None
     args.output = args.output or where or os.path.join(ROOT, "output", "benchmark_miniworld")
     args.markdown = args.markdown or os.path.join(where or DOCS, "BENCHMARKS.md")
     args.chart = args.chart or os.path.join(where or DOCS, "benchmark_miniworld.png")
@@ -456,44 +641,89 @@ def main(argv: Optional[List[str]] = None) -> int:
         opts += ["SOLVER.MAX_ITER", str(args.iters), "SOLVER.CHECKPOINT_PERIOD", str(args.iters)]
     if args.device:
         opts += ["MODEL.DEVICE", args.device]
-    labels = {n: label for n, _, label, _ in TRAINED + EVAL_ONLY}
+    labels = {t[0]: t[2] for t in TRAINED + EVAL_ONLY}
     unknown = sorted(set(args.variants or []) - set(labels))
     if unknown:
         p.error(f"unknown variant(s) {unknown}; known: {list(labels)}")
     wanted = set(args.variants or labels)
-    if wanted & {n for n, _, _, _ in EVAL_ONLY}:
-        wanted.add("zs_baseline")  # two-stage and teacher-dense read the baseline's run
+    evals = {n: (c, x, src, ds) for n, c, _, x, src, ds in EVAL_ONLY}
+    wanted |= {evals[n][2] for n in wanted if n in evals}  # an evaluation reads its source's run
     labels = {n: label for n, label in labels.items() if n in wanted}
     threads = args.threads if args.threads is not None else (1 if args.jobs > 1 else 0)
 
     code = code_fingerprint()
-
-    def one(task):
-        name, config, seed, weights, extra = task
-        return run_variant(name, config, seed, opts + extra, args.output, weights, threads, code)
+    cache_dir = os.path.join(args.output, "teacher_cache")
+    trained = {n: (c, [cache_dir if v == "{cache}" else v for v in x]) for n, c, _, x in TRAINED}
 
     def seeds_of(name: str) -> List[int]:
-        return args.main_seeds if name in MAIN else args.seeds
+        return args.main_seeds if name in MAIN_SEEDED + TRANSFER_PAIR else args.seeds
 
-    # trained variants first (``--jobs`` at a time): the paired comparison, then the strict
-    # setting, then the other variants, each seed by seed; then the evaluations that read the
-    # baseline's weights
-    trained = [(n, c, s, None, x) for n, c, _, x in TRAINED if n in labels for s in seeds_of(n)]
-    trained.sort(key=lambda t: (t[0] not in MAIN, not t[0].endswith("_strict"), t[2]))
-    evals = [
-        (n, c, s, os.path.join(args.output, "zs_baseline", f"seed{s}", "model_final.pth"), x)
-        for n, c, _, x in EVAL_ONLY
-        if n in labels
-        for s in args.seeds
-    ]
-    results: Dict[tuple, Dict[str, float]] = {}
+    # Order: seed by seed, the paired comparison with the evaluations of its weights right
+    # after each baseline / C2S run (weights do not outlive a machine; records do), then the
+    # cached teacher, the strict setting and the other variants, each seed by seed.
+    position = {"zs_baseline": 0, "transfer_zs_baseline": 1, "teacher_dense": 2, "two_stage": 3}
+    position.update({"c2s_full": 4, "transfer_c2s_full": 5})
+
+    def priority(task):
+        name, seed = task
+        group = 0 if name in position else 1 if name == "c2s_full_cached" else 2
+        group += 1 if name.endswith("_strict") else 0 if group < 2 else 2
+        return (group, seed, position.get(name, 0), name)
+
+    tasks = sorted({(n, s) for n in labels for s in seeds_of(n)}, key=priority)
+    for n, s in list(tasks):  # an evaluation needs its source's weights of the same seed
+        if n in evals and (evals[n][2], s) not in tasks:
+            tasks.append((evals[n][2], s))
+    tasks.sort(key=priority)
+    cache_lock, source_locks = threading.Lock(), {t: threading.Lock() for t in tasks}
+    cache_ready = []
+
+    def train(name: str, seed: int, need_weights: bool = False):
+        config, extra = trained[name]
+
+        def build_cache() -> None:
+            with cache_lock:
+                if not cache_ready:
+                    print(f"  teacher-feature cache: {cache_dir}", flush=True)
+                    build_teacher_cache(cache_dir, config, opts, threads)
+                    cache_ready.append(True)
+
+        return run_variant(
+            name, config, seed, opts + extra, args.output, None, threads, code,
+            records=records, need_weights=need_weights,
+            prepare=build_cache if name == "c2s_full_cached" else None,
+        )  # fmt: skip
+
+    def evaluate(name: str, seed: int, source_future):
+        config, extra, source, dataset = evals[name]
+        _, source_key = source_future.result()
+        weights = os.path.join(args.output, source, f"seed{seed}", "model_final.pth")
+        key = run_key(config, [*opts, *extra, "SEED", str(seed)], None, code)
+        key["eval_source"] = key_digest(source_key)
+        recorded = read_record(records, name, seed, key)
+        if recorded is not None and not os.path.isfile(weights):
+            print(f"  {name} seed {seed}: recorded")
+            return recorded, key
+        with source_locks[(source, seed)]:  # the source came from a record: train it again
+            if not os.path.isfile(weights):
+                print(f"  {source} seed {seed}: weights needed by {name}: train", flush=True)
+                train(source, seed, need_weights=True)
+        return run_variant(
+            name, config, seed, opts + extra, args.output, weights, threads, code, dataset,
+            records, source_key,
+        )  # fmt: skip
+
+    futures = {}
     with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for phase in (trained, evals):
-            for task, metrics in zip(phase, pool.map(one, phase)):
-                results[(task[0], task[2])] = metrics
+        for name, seed in tasks:
+            if name in evals:
+                source = futures[(evals[name][2], seed)]
+                futures[(name, seed)] = pool.submit(evaluate, name, seed, source)
+            else:
+                futures[(name, seed)] = pool.submit(train, name, seed)
+        results = {task: f.result()[0] for task, f in futures.items()}
     runs: Dict[str, Dict[int, Dict[str, float]]] = {
-        n: {s: results[(n, s)] for s in sorted({t[2] for t in trained + evals if t[0] == n})}
-        for n in labels
+        n: {s: results[(n, s)] for s in seeds_of(n)} for n in labels
     }
     summary = summarise(runs)
     meta = {

@@ -4,18 +4,20 @@
     python tools/pretrain_miniworld_clip.py [--output PATH] [--quick] [--seed N] [--steps N] ...
 
 CLIP's contrastive training (symmetric InfoNCE, learnable temperature) on captions naming every
-material, seen and unseen, as web captions name everything. The teacher learns from its **own**
-scenes (``c2s_miniworld_teacher_train_all``: generated from another seed than the student's
-mini-world, so it never sees an image the student trains or is evaluated on): those scenes with
-their captions,
-scene crops captioned by the materials covering them (from the labels), and single-material
+material, seen and unseen, as web captions name everything: the mini-world's 16 and the 6
+materials of the transfer set (``c2s_d2.data.miniworld_transfer``), which no mini-world scene,
+label or name holds. The teacher learns from its **own** scenes (``c2s_miniworld_teacher_train_all``:
+generated from another seed than the student's mini-world, with the 22 materials, so it never
+sees an image the student trains or is evaluated on, nor a transfer-set scene): those scenes with
+their captions, scene crops captioned by the materials covering them (from the labels), and single-material
 patches with varied prompts. The teacher's MaskCLIP dense embeddings (value path of the last
 block), averaged over the image, meet the same loss, so that patch tokens carry the semantics.
 Captions naming the same set of materials count as positives of each other.
 
 Writes a float16 state dict in open_clip's format, which ``build_open_clip(model_name,
 pretrained=<path>)`` loads, then evaluates the teacher built from it (zero-shot accuracy on
-single-material patches, seen / unseen, global / dense; dense segmentation of the val scenes) and
+single-material patches, seen / unseen / transfer, global / dense; dense segmentation of the
+mini-world's val scenes and of the transfer set) and
 saves that report next to it as ``<stem>_zero_shot.json``.
 """
 
@@ -43,9 +45,11 @@ from detectron2.data import DatasetCatalog  # noqa: E402
 
 import c2s_d2  # noqa: E402, F401  (registers the mini-world datasets)
 from c2s_d2.data.miniworld import IGNORE_LABEL, MINIWORLD_CLASSES  # noqa: E402
-from c2s_d2.data.miniworld import MINIWORLD_UNSEEN_IDS, NUM_MATERIALS  # noqa: E402
+from c2s_d2.data.miniworld import MINIWORLD_UNSEEN_IDS, palette_classes  # noqa: E402
 from c2s_d2.data.miniworld import render_material_patch  # noqa: E402
+from c2s_d2.data.miniworld_transfer import NEW_IDS, TRANSFER_WORLD_CLASSES  # noqa: E402
 from c2s_d2.data.datasets.register_miniworld import TEACHER_DATASET  # noqa: E402
+from c2s_d2.data.datasets.register_miniworld import TRANSFER_DATASET  # noqa: E402
 from c2s_d2.evaluation.sem_seg_evaluator import compute_zero_shot_metrics  # noqa: E402
 from c2s_d2.modeling.clip.loader import build_open_clip, get_tokenizer  # noqa: E402
 from c2s_d2.modeling.clip.teacher import ClipTeacher, _value_path_block  # noqa: E402
@@ -55,8 +59,18 @@ from c2s_d2.modeling.clip.text_encoder import text_embeddings  # noqa: E402
 
 logger = logging.getLogger("pretrain_miniworld_clip")
 
-SEEN_IDS = [i for i in range(NUM_MATERIALS) if i not in MINIWORLD_UNSEEN_IDS]
-GROUPS = {"seen": SEEN_IDS, "unseen": MINIWORLD_UNSEEN_IDS, "all": list(range(NUM_MATERIALS))}
+# The teacher's vocabulary: the mini-world's 16 materials (ids 0..15), then the 6 materials of the
+# transfer set (16..21), which no mini-world scene, label or name holds.
+TEACHER_CLASSES = palette_classes("teacher")
+NUM_MATERIALS = len(TEACHER_CLASSES)
+MINIWORLD_IDS = list(range(len(MINIWORLD_CLASSES)))
+SEEN_IDS = [i for i in MINIWORLD_IDS if i not in MINIWORLD_UNSEEN_IDS]
+GROUPS = {
+    "seen": SEEN_IDS,
+    "unseen": MINIWORLD_UNSEEN_IDS,
+    "transfer": NEW_IDS,
+    "all": list(range(NUM_MATERIALS)),
+}
 _OWN_SINGLE = ["a photo of {}.", "{}", "{} texture", "a close-up photo of {}.", "a patch of {}."]
 _OWN_SINGLE += ["the surface of {}.", "a picture of {}.", "a texture of {}."]
 # Prompt variety for one material: our phrasings plus the ensembling sets the project uses.
@@ -97,7 +111,8 @@ class SceneBank:
 
 
 def materials_by_area(label: np.ndarray, min_share: float) -> List[int]:
-    """Materials covering >= ``min_share`` of the labelled pixels, largest first (else the top)."""
+    """Materials covering >= ``min_share`` of the labelled pixels, largest first (else the top;
+    none when no pixel is labelled)."""
     counts = np.bincount(label[label != IGNORE_LABEL], minlength=NUM_MATERIALS)[:NUM_MATERIALS]
     present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
     return [i for i in present if counts[i] >= min_share * counts.sum()] or present[:1]
@@ -105,7 +120,7 @@ def materials_by_area(label: np.ndarray, min_share: float) -> List[int]:
 
 def multi_caption(ids: Sequence[int], rng: np.random.Generator) -> str:
     """A caption naming materials ``ids``, e.g. "a photo of grass, ice and lava."."""
-    names = [MINIWORLD_CLASSES[i] for i in ids]
+    names = [TEACHER_CLASSES[i] for i in ids]
     if rng.random() < 0.5:  # area order is a cue that prompts at test time never give
         names = [names[i] for i in rng.permutation(len(names))]
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -132,16 +147,25 @@ def sample_batch(
                 ids = materials_by_area(label, 0.0)
                 caption = bank.captions[i] if rng.random() < 0.5 else multi_caption(ids, rng)
             else:
-                c = int(rng.integers(min(32, side), min(96, side) + 1))
-                y, x = (int(v) for v in rng.integers(0, side - c + 1, 2))
-                image, label = image[y : y + c, x : x + c], label[y : y + c, x : x + c]
+                # a crop names the materials covering it; a crop of unlabelled pixels only
+                # (clutter, blur) names nothing: draw another (the whole scene after 20 tries)
+                scene_image, scene_label = image, label
+                for _ in range(20):
+                    c = int(rng.integers(min(32, side), min(96, side) + 1))
+                    y, x = (int(v) for v in rng.integers(0, side - c + 1, 2))
+                    label = scene_label[y : y + c, x : x + c]
+                    if (label != IGNORE_LABEL).any():
+                        image = scene_image[y : y + c, x : x + c]
+                        break
+                else:
+                    image, label = scene_image, scene_label
                 ids = materials_by_area(label, MIN_CROP_SHARE)
                 caption = multi_caption(ids, rng)
         else:
             ids = [int(rng.integers(NUM_MATERIALS))]
-            image = render_material_patch(ids[0], int(rng.integers(32, 97)), rng)
+            image = render_material_patch(ids[0], int(rng.integers(32, 97)), rng, "teacher")
             template = SINGLE_TEMPLATES[rng.integers(len(SINGLE_TEMPLATES))]
-            caption = template.replace("{}", MINIWORLD_CLASSES[ids[0]])
+            caption = template.replace("{}", TEACHER_CLASSES[ids[0]])
         image = cv2.resize(image, (image_size, image_size), interpolation=cv2.INTER_AREA)
         images.append(image[:, ::-1] if rng.random() < 0.5 else image)
         captions.append(caption)
@@ -288,24 +312,34 @@ def train(args: argparse.Namespace) -> Tuple[torch.nn.Module, Dict]:
 
 # ------------------------------------------------------------------------------------ evaluation
 def group_accuracies(pred: np.ndarray, truth: np.ndarray) -> Dict:
-    """Per-class accuracy and its means over the seen, unseen and all materials."""
+    """Per-class accuracy (a 22-way choice) and its means over the mini-world's seen and unseen
+    materials, the transfer set's new ones and all."""
     per_class = [float(np.mean(pred[truth == c] == c)) for c in range(NUM_MATERIALS)]
     out = {key: float(np.mean([per_class[i] for i in ids])) for key, ids in GROUPS.items()}
-    return dict(out, per_class=dict(zip(MINIWORLD_CLASSES, per_class)))
+    return dict(out, per_class=dict(zip(TEACHER_CLASSES, per_class)))
 
 
-def dense_segmentation_metrics(teacher: ClipTeacher, names_emb: torch.Tensor) -> Dict[str, float]:
-    """MaskCLIP-style segmentation of ``c2s_miniworld_val``: each pixel takes the nearest name."""
-    conf = np.zeros((NUM_MATERIALS, NUM_MATERIALS), np.int64)
-    for r in DatasetCatalog.get("c2s_miniworld_val"):
+def dense_segmentation_metrics(
+    teacher: ClipTeacher,
+    names_emb: torch.Tensor,
+    dataset: str = "c2s_miniworld_val",
+    classes: Sequence[str] = MINIWORLD_CLASSES,
+    unseen_ids: Sequence[int] = MINIWORLD_UNSEEN_IDS,
+) -> Dict[str, float]:
+    """MaskCLIP-style segmentation of ``dataset`` (``names_emb``: one row per class of
+    ``classes``): each pixel takes the nearest name."""
+    n = len(classes)
+    conf = np.zeros((n, n), np.int64)
+    for r in DatasetCatalog.get(dataset):
         image, label = read_image(r["file_name"]), read_image(r["sem_seg_file_name"], 0)
         dense = teacher(torch.from_numpy(image).permute(2, 0, 1)[None].float())[1]
         logits = torch.einsum("bdhw,cd->bchw", dense, names_emb)
         logits = F.interpolate(logits, label.shape, mode="bilinear", align_corners=False)
         pred, keep = logits[0].argmax(0).numpy(), label != IGNORE_LABEL
-        pairs = label[keep].astype(np.int64) * NUM_MATERIALS + pred[keep]
+        pairs = label[keep].astype(np.int64) * n + pred[keep]
         conf += np.bincount(pairs, minlength=conf.size).reshape(conf.shape)
-    metrics = compute_zero_shot_metrics(conf, MINIWORLD_CLASSES, SEEN_IDS, MINIWORLD_UNSEEN_IDS)
+    seen = [i for i in range(n) if i not in unseen_ids]
+    metrics = compute_zero_shot_metrics(conf, list(classes), seen, list(unseen_ids))
     return {k: metrics[k] for k in ("mIoU-seen", "mIoU-unseen", "hIoU", "pAcc")}
 
 
@@ -313,25 +347,33 @@ def dense_segmentation_metrics(teacher: ClipTeacher, names_emb: torch.Tensor) ->
 def evaluate_teacher(
     model_name: str, checkpoint: str, per_material: int, seed: int, templates: str = "short"
 ) -> Dict:
-    """Zero-shot accuracy (16 names, prompt ensembling) of the teacher built from ``checkpoint``.
+    """Zero-shot accuracy (22 names, prompt ensembling) of the teacher built from ``checkpoint``.
 
     Patches of 64 px (``global``; ``dense``: dense embeddings averaged over the patch) and of
-    128 px, a scene's size (``*_patch128``); plus ``dense_val_segmentation``.
+    128 px, a scene's size (``*_patch128``), drawn from a stream training never used; plus
+    ``dense_val_segmentation`` (the mini-world's val scenes, 16 names) and
+    ``dense_transfer_segmentation`` (the transfer set, 22 names; "unseen" = its 6 new
+    materials): scenes the teacher never saw.
     """
     teacher = ClipTeacher(build_open_clip(model_name, checkpoint))
-    names_emb = text_embeddings(MINIWORLD_CLASSES, model_name, checkpoint, templates=templates)
+    names_emb = text_embeddings(TEACHER_CLASSES, model_name, checkpoint, templates=templates)
     rng = np.random.default_rng([seed, 1])  # a stream the training never drew from
     truth = np.repeat(np.arange(NUM_MATERIALS), per_material)
     report = dict(model_name=model_name, checkpoint=os.path.abspath(checkpoint))
     report.update(templates=templates, per_material=per_material)
     for size, suffix in ((64, ""), (128, "_patch128")):
-        patches = np.stack([render_material_patch(int(c), size, rng) for c in truth])
+        patches = np.stack([render_material_patch(int(c), size, rng, "teacher") for c in truth])
         global_emb, dense = teacher(torch.from_numpy(patches).permute(0, 3, 1, 2).float())
         pooled = F.normalize(dense.mean(dim=(2, 3)), dim=-1)
         for kind, emb in (("global", global_emb), ("dense", pooled)):
             pred = (emb @ names_emb.T).argmax(dim=1).numpy()
             report[kind + suffix] = group_accuracies(pred, truth)
-    report["dense_val_segmentation"] = dense_segmentation_metrics(teacher, names_emb)
+    miniworld_emb = names_emb[: len(MINIWORLD_CLASSES)]
+    report["dense_val_segmentation"] = dense_segmentation_metrics(teacher, miniworld_emb)
+    assert TRANSFER_WORLD_CLASSES == TEACHER_CLASSES  # same order: the rows of names_emb
+    report["dense_transfer_segmentation"] = dense_segmentation_metrics(
+        teacher, names_emb, TRANSFER_DATASET, TRANSFER_WORLD_CLASSES, NEW_IDS
+    )
     return report
 
 
@@ -399,8 +441,15 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     atomic_write(report_path(args.output), lambda f: f.write(json.dumps(report, indent=1).encode()))
     for kind in ("global", "dense", "global_patch128", "dense_patch128"):
         acc = report[kind]
-        logger.info("zero-shot %s: seen %.3f, unseen %.3f", kind, acc["seen"], acc["unseen"])
+        logger.info(
+            "zero-shot %s: seen %.3f, unseen %.3f, transfer %.3f",
+            kind,
+            acc["seen"],
+            acc["unseen"],
+            acc["transfer"],
+        )
     logger.info("dense segmentation of the val scenes: %s", report["dense_val_segmentation"])
+    logger.info("dense segmentation of the transfer set: %s", report["dense_transfer_segmentation"])
     size = os.path.getsize(args.output) / 2**20
     logger.info("checkpoint %s (%.2f MiB), report %s", args.output, size, report_path(args.output))
     return report

@@ -104,6 +104,39 @@ MINIWORLD_DESCRIPTIONS: List[str] = [m.description for m in MATERIALS]
 MINIWORLD_UNSEEN_IDS: List[int] = [8, 9, 14, 15]
 NUM_MATERIALS = len(MATERIALS)
 
+# Six materials of the **transfer** mini-world (c2s_d2.data.miniworld_transfer): absent from every
+# mini-world scene, label, class list and caption. Only the teacher's "web" knows them: its own
+# pretraining scenes (palette "teacher") draw from all 22, as web captions name everything. Each
+# has relatives among the 16 in colour or texture: coral ~ foliage/rust (blotches), slate ~ sand
+# (ripples) and asphalt (colour), bamboo ~ grass (blades) and sand (colour), denim ~ carpet
+# (checks) and water (colour), clay ~ brick/rust (colour) and snow (smooth), amethyst ~ lava/ice
+# (cracks) in a colour no mini-world material has.
+TRANSFER_MATERIALS: Tuple[Material, ...] = (
+    Material("coral", "blotches", 10.0, (215, 95, 95), (250, 175, 150), "pink coral in blobs"),
+    Material("slate", "ripples", 8.0, (50, 60, 78), (100, 110, 128), "blue-grey layered slate"),
+    Material("bamboo", "blades", 6.0, (165, 155, 60), (225, 215, 130), "yellow bamboo stalks"),
+    Material("denim", "checks", 3.0, (30, 50, 100), (85, 110, 165), "blue woven denim"),
+    Material("clay", "smooth", 30.0, (160, 80, 50), (205, 130, 90), "smooth terracotta clay"),
+    Material("amethyst", "cracks", 18.0, (70, 35, 110), (190, 150, 225), "purple crystal"),
+)
+TRANSFER_CLASSES: List[str] = [m.name for m in TRANSFER_MATERIALS]
+# palette name -> materials drawn by scenes of that palette (ids index this tuple)
+PALETTES: Dict[str, Tuple[Material, ...]] = {
+    "miniworld": MATERIALS,
+    "teacher": MATERIALS + TRANSFER_MATERIALS,
+}
+
+
+def palette_classes(palette: str) -> List[str]:
+    """Class names of a palette, in id order (``"miniworld"``: the 16; ``"teacher"``: 22)."""
+    return [m.name for m in _palette(palette)]
+
+
+def _palette(palette: str) -> Tuple[Material, ...]:
+    if palette not in PALETTES:
+        raise ValueError(f"unknown mini-world palette {palette!r}; known: {sorted(PALETTES)}")
+    return PALETTES[palette]
+
 
 def default_miniworld_root() -> str:
     """``$DETECTRON2_DATASETS/miniworld`` (``./datasets/miniworld`` if the variable is unset)."""
@@ -209,12 +242,21 @@ def _jittered_colours(rng: np.random.Generator, m: Material) -> np.ndarray:
     return np.asarray(out, np.float32) * 255
 
 
-def _render_material(material_id: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """Full-frame texture of one material with per-image jitter, (size, size, 3) float32 RGB."""
-    if not 0 <= int(material_id) < NUM_MATERIALS:
-        raise ValueError(f"material_id {material_id} outside 0..{NUM_MATERIALS - 1}")
-    m = MATERIALS[int(material_id)]
-    period = m.period * float(np.exp(rng.uniform(-0.3, 0.3)))
+def _render_material(
+    material_id: int,
+    size: int,
+    rng: np.random.Generator,
+    palette: str = "miniworld",
+    scale_jitter: float = 0.3,
+) -> np.ndarray:
+    """Full-frame texture of one material with per-image jitter, (size, size, 3) float32 RGB.
+
+    The texture period is the material's times ``exp(U(-scale_jitter, scale_jitter))``."""
+    materials = _palette(palette)
+    if not 0 <= int(material_id) < len(materials):
+        raise ValueError(f"material_id {material_id} outside 0..{len(materials) - 1}")
+    m = materials[int(material_id)]
+    period = m.period * float(np.exp(rng.uniform(-scale_jitter, scale_jitter)))
     if m.texture == "blades":  # grass grows upwards, within +-20 degrees
         angle = float(rng.uniform(-0.35, 0.35))
     else:
@@ -234,12 +276,15 @@ def _finish(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.clip(rgb * light[..., None] + noise, 0, 255).astype(np.uint8)
 
 
-def render_material_patch(material_id: int, size: int, rng: np.random.Generator) -> np.ndarray:
-    """An RGB patch of one material (for zero-shot accuracy on single-material crops).
+def render_material_patch(
+    material_id: int, size: int, rng: np.random.Generator, palette: str = "miniworld"
+) -> np.ndarray:
+    """An RGB patch of one material (for zero-shot accuracy on single-material crops); ids index
+    ``palette`` (``"teacher"``: the 16 mini-world materials, then the 6 transfer ones).
 
     Returns a uint8 array of shape (size, size, 3), RGB.
     """
-    return _finish(_render_material(material_id, size, rng), rng)
+    return _finish(_render_material(material_id, size, rng, palette), rng)
 
 
 # ------------------------------------------------------------------------------------ scenes
@@ -270,22 +315,26 @@ def _layout(rng: np.random.Generator, size: int, k: int) -> np.ndarray:
     return regions
 
 
-def _scene_materials(rng: np.random.Generator, seed: int, split: str, index: int) -> List[int]:
-    """2-6 distinct materials; an "anchor" cycles through all 16 so each appears in every split."""
-    order = np.random.default_rng([seed, _SPLIT_CODE[split], 2**31]).permutation(NUM_MATERIALS)
-    anchor = int(order[index % NUM_MATERIALS])
+def _scene_materials(
+    rng: np.random.Generator, seed: int, split: str, index: int, num_materials: int = NUM_MATERIALS
+) -> List[int]:
+    """2-6 distinct materials; an "anchor" cycles through all materials of the palette (16 or 22)
+    so each appears in every split."""
+    order = np.random.default_rng([seed, _SPLIT_CODE[split], 2**31]).permutation(num_materials)
+    anchor = int(order[index % num_materials])
     k = int(rng.integers(2, 7))
-    others = [i for i in range(NUM_MATERIALS) if i != anchor]
+    others = [i for i in range(num_materials) if i != anchor]
     chosen = [anchor] + [int(i) for i in rng.choice(others, k - 1, replace=False)]
-    seen = [i for i in range(NUM_MATERIALS) if i not in MINIWORLD_UNSEEN_IDS]
+    seen = [i for i in range(num_materials) if i not in MINIWORLD_UNSEEN_IDS]
     if all(i in MINIWORLD_UNSEEN_IDS for i in chosen):  # inductive setting: unseen never alone
         chosen[-1] = int(rng.choice(seen))
     return [chosen[i] for i in rng.permutation(k)]
 
 
-def caption_for(material_ids: List[int]) -> str:
-    """``[0, 1, 2] -> "a scene of grass, water and brick"`` (order kept)."""
-    names = [MINIWORLD_CLASSES[i] for i in material_ids]
+def caption_for(material_ids: List[int], palette: str = "miniworld") -> str:
+    """``[0, 1, 2] -> "a scene of grass, water and brick"`` (order kept; ids index ``palette``)."""
+    classes = palette_classes(palette)
+    names = [classes[i] for i in material_ids]
     if not names:
         raise ValueError("a caption needs at least one material")
     listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
@@ -319,21 +368,22 @@ def _unnamed_material(rng: np.random.Generator, size: int) -> np.ndarray:
 
 
 def render_scene(
-    seed: int, split: str, index: int, size: int = 128
+    seed: int, split: str, index: int, size: int = 128, palette: str = "miniworld"
 ) -> Tuple[np.ndarray, np.ndarray, List[int]]:
-    """Render scene ``index`` of ``split`` from its own RNG.
+    """Render scene ``index`` of ``split`` from its own RNG, drawing materials from ``palette``
+    (``"miniworld"``: the student's 16; ``"teacher"``: those and the 6 transfer materials).
 
     Returns ``(image, label, material_ids)``: image uint8 (size, size, 3) RGB, label uint8
     (size, size) with material ids and 255 on region borders, clutter and blur (module
     docstring), and the materials present in decreasing order of labelled area (the caption
     order).
     """
-    image, label, present, _ = render_scene_with_parts(seed, split, index, size)
+    image, label, present, _ = render_scene_with_parts(seed, split, index, size, palette)
     return image, label, present
 
 
 def render_scene_with_parts(
-    seed: int, split: str, index: int, size: int = 128
+    seed: int, split: str, index: int, size: int = 128, palette: str = "miniworld"
 ) -> Tuple[np.ndarray, np.ndarray, List[int], Dict[str, np.ndarray]]:
     """``render_scene`` plus the scene's hidden parts: ``parts["materials"]`` (uint8 (size, size),
     the material under every pixel, before anything is unlabelled), and bool masks
@@ -341,7 +391,8 @@ def render_scene_with_parts(
     if split not in _SPLIT_CODE:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     rng = np.random.default_rng([int(seed), _SPLIT_CODE[split], int(index)])
-    materials = _scene_materials(rng, seed, split, index)
+    num_materials = len(_palette(palette))
+    materials = _scene_materials(rng, seed, split, index, num_materials)
     regions = _layout(rng, size, len(materials))
     lut = np.asarray(materials, np.uint8)
     label = lut[regions]
@@ -349,7 +400,7 @@ def render_scene_with_parts(
     rgb = np.empty((size, size, 3), np.float32)
     for r, material_id in enumerate(materials):
         mask = regions == r
-        rgb[mask] = _render_material(material_id, size, rng)[mask]
+        rgb[mask] = _render_material(material_id, size, rng, palette)[mask]
     # A 1-px unlabelled band on region borders, like the "void" borders of real datasets.
     border = np.zeros((size, size), bool)
     border[:, :-1] |= regions[:, :-1] != regions[:, 1:]
@@ -361,7 +412,7 @@ def render_scene_with_parts(
     rgb = np.where(clutter[..., None], _unnamed_material(rng, size), rgb)
     unlabelled = border | blobs
     label[unlabelled] = IGNORE_LABEL
-    counts = np.bincount(label[~unlabelled], minlength=NUM_MATERIALS)
+    counts = np.bincount(label[~unlabelled], minlength=num_materials)
     present = [int(i) for i in np.argsort(-counts, kind="stable") if counts[i] > 0]
     parts = {
         "materials": underneath,
@@ -423,7 +474,7 @@ def _check_params(params: Dict) -> Dict[str, int]:
     return out
 
 
-def _generate(root: str, params: Dict[str, int]) -> Dict:
+def _generate(root: str, params: Dict[str, int], palette: str = "miniworld") -> Dict:
     start = time.perf_counter()
     manifest_path = os.path.join(root, MANIFEST_NAME)
     if os.path.exists(manifest_path):
@@ -438,18 +489,19 @@ def _generate(root: str, params: Dict[str, int]) -> Dict:
                     os.remove(os.path.join(d, f))
         captions = {}
         for i in range(n):
-            image, label, present = render_scene(params["seed"], split, i, params["size"])
+            image, label, present = render_scene(params["seed"], split, i, params["size"], palette)
             image_id = f"{i:06d}"
             _write_png(os.path.join(dirs[0], image_id + IMAGE_EXT), image)
             _write_png(os.path.join(dirs[1], image_id + ".png"), label)
-            captions[image_id] = caption_for(present)
+            captions[image_id] = caption_for(present, palette)
         _write_json(os.path.join(root, f"captions_{split}.json"), captions)
         counts[split] = n
     manifest = {
         "generator_version": GENERATOR_VERSION,
         "params": params,
         "counts": counts,
-        "classes": MINIWORLD_CLASSES,
+        "palette": palette,
+        "classes": palette_classes(palette),
         "unseen_ids": MINIWORLD_UNSEEN_IDS,
         "image_ext": IMAGE_EXT,
     }
@@ -459,12 +511,18 @@ def _generate(root: str, params: Dict[str, int]) -> Dict:
 
 
 def generate_miniworld(
-    root: str, num_train: int = 2000, num_val: int = 200, size: int = 128, seed: int = 0
+    root: str,
+    num_train: int = 2000,
+    num_val: int = 200,
+    size: int = 128,
+    seed: int = 0,
+    palette: str = "miniworld",
 ) -> Dict:
     """(Re)generate the mini-world under ``root`` unconditionally; returns the manifest dict."""
     params = _check_params(dict(num_train=num_train, num_val=num_val, size=size, seed=seed))
+    _palette(palette)
     with _generation_lock(root):
-        return _generate(root, params)
+        return _generate(root, params, palette)
 
 
 def read_manifest(root: str) -> Dict:
@@ -476,23 +534,27 @@ def read_manifest(root: str) -> Dict:
         return {}
 
 
-def ensure_miniworld(root: Optional[str] = None, **params: int) -> Dict:
+def ensure_miniworld(root: Optional[str] = None, palette: str = "miniworld", **params: int) -> Dict:
     """Generate the mini-world under ``root`` unless its manifest already matches ``params``.
 
     Args:
         root: dataset folder; ``None`` means ``default_miniworld_root()``.
+        palette: materials the scenes draw from (``"miniworld"``; ``"teacher"`` for the
+            teacher's own scenes); a folder of another palette is regenerated.
         params: any of ``num_train``, ``num_val``, ``size``, ``seed`` (defaults as in
             ``generate_miniworld``).
     Returns the manifest dict.
     """
     root = default_miniworld_root() if root is None else root
     full = _check_params({"num_train": 2000, "num_val": 200, "size": 128, "seed": 0, **params})
+    classes = palette_classes(palette)
     with _generation_lock(root):
         manifest = read_manifest(root)
         if (
             manifest.get("generator_version") == GENERATOR_VERSION
             and manifest.get("params") == full
+            and manifest.get("classes") == classes
         ):
             return manifest
-        logger.info("mini-world at %s missing or stale; generating %s", root, full)
-        return _generate(root, full)
+        logger.info("mini-world at %s missing or stale; generating %s (%s)", root, full, palette)
+        return _generate(root, full, palette)

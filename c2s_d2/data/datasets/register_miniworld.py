@@ -11,6 +11,13 @@ Registered names (at import of this module; lazily, nothing touches the disk unt
   ``<DETECTRON2_DATASETS>/miniworld_teacher`` from another seed (``TEACHER_DATA_SEED``), on which
   ``tools/pretrain_miniworld_clip.py`` pretrains the mini-world CLIP: the teacher never sees an
   image the student trains or is evaluated on. Loading it refuses a student seed equal to it.
+  Its scenes draw from 22 materials (palette ``"teacher"``): the mini-world's 16 and the 6 of the
+  transfer set, as web captions name everything.
+* ``c2s_miniworld_transfer_val``: the transfer mini-world (``c2s_d2.data.miniworld_transfer``), an
+  evaluation set of 22 classes whose 6 new materials (its "unseen" ids, reported as such) appear
+  in no mini-world scene, label or name; generated in ``<DETECTRON2_DATASETS>/miniworld_transfer``
+  from ``TRANSFER_SEED`` at the student's image size (``C2S_MINIWORLD_TRANSFER_NUM_VAL`` images,
+  default 200).
 
 Loading a dataset calls ``ensure_miniworld``, which generates the folder on first use (about
 15 s for the default 2000 + 200 images) and reuses it afterwards. Environment variables, read when
@@ -39,14 +46,24 @@ from ..miniworld import (
     MINIWORLD_UNSEEN_IDS,
     default_miniworld_root,
     ensure_miniworld,
+    palette_classes,
+)
+from ..miniworld_transfer import (
+    NEW_IDS,
+    TRANSFER_FOLDER,
+    TRANSFER_SEED,
+    TRANSFER_WORLD_CLASSES,
+    ensure_transfer_world,
 )
 from ..zero_shot import list_image_label_pairs, register_zero_shot_sem_seg
 
 __all__ = [
     "TEACHER_DATA_SEED",
     "TEACHER_DATASET",
+    "TRANSFER_DATASET",
     "register_miniworld",
     "register_miniworld_teacher_data",
+    "register_miniworld_transfer",
     "miniworld_params_from_env",
 ]
 
@@ -54,6 +71,7 @@ __all__ = [
 TEACHER_DATA_SEED = 1000
 TEACHER_DATASET = "c2s_miniworld_teacher_train_all"
 TEACHER_FOLDER = "miniworld_teacher"
+TRANSFER_DATASET = "c2s_miniworld_transfer_val"
 
 _ENV_PARAMS = {
     "num_train": ("C2S_MINIWORLD_NUM_TRAIN", 2000),
@@ -108,6 +126,11 @@ def teacher_data_params() -> Dict[str, int]:
             f"C2S_MINIWORLD_SEED={student['seed']} is the seed of the teacher's pretraining scenes "
             f"(TEACHER_DATA_SEED): the student would train on the teacher's images; use another"
         )
+    if student["seed"] == TRANSFER_SEED:
+        raise ValueError(
+            f"C2S_MINIWORLD_SEED={student['seed']} is the seed of the transfer mini-world "
+            f"(TRANSFER_SEED): the student would train on the transfer set's scenes; use another"
+        )
     return {"num_train": 2000, "num_val": 16, "size": student["size"], "seed": TEACHER_DATA_SEED}
 
 
@@ -117,7 +140,7 @@ def _teacher_records_loader(root: Optional[str]) -> Callable[[], List[Dict]]:
         data_root = os.path.join(parent, TEACHER_FOLDER) if root is None else root
         params = teacher_data_params()
         num = int(os.environ.get("C2S_MINIWORLD_TEACHER_NUM_TRAIN", "").strip() or 2000)
-        ensure_miniworld(data_root, **dict(params, num_train=num))
+        ensure_miniworld(data_root, palette="teacher", **dict(params, num_train=num))
         return list_image_label_pairs(
             os.path.join(data_root, "images", "train"),
             os.path.join(data_root, "labels", "train"),
@@ -163,7 +186,7 @@ def register_miniworld(root: Optional[str] = None, name_prefix: str = "c2s_miniw
 
 
 def register_miniworld_teacher_data(root: Optional[str] = None) -> List[str]:
-    """Register ``c2s_miniworld_teacher_train_all`` (all 16 materials, captions naming them).
+    """Register ``c2s_miniworld_teacher_train_all`` (22 materials, captions naming them).
 
     ``C2S_MINIWORLD_TEACHER_NUM_TRAIN`` sets its number of scenes (default 2000).
     """
@@ -174,8 +197,8 @@ def register_miniworld_teacher_data(root: Optional[str] = None) -> List[str]:
     register_zero_shot_sem_seg(
         TEACHER_DATASET,
         load_records=_teacher_records_loader(root),
-        class_names=MINIWORLD_CLASSES,
-        unseen_ids=MINIWORLD_UNSEEN_IDS,
+        class_names=palette_classes("teacher"),
+        unseen_ids=MINIWORLD_UNSEEN_IDS + NEW_IDS,
         split="eval",
         image_root=os.path.join(shown_root, "images", "train"),
         sem_seg_root=os.path.join(shown_root, "labels", "train"),
@@ -184,5 +207,49 @@ def register_miniworld_teacher_data(root: Optional[str] = None) -> List[str]:
     return [TEACHER_DATASET]
 
 
+def _transfer_records_loader(root: Optional[str]) -> Callable[[], List[Dict]]:
+    def load() -> List[Dict]:
+        parent = os.environ.get("DETECTRON2_DATASETS", "datasets")
+        data_root = os.path.join(parent, TRANSFER_FOLDER) if root is None else root
+        student = teacher_data_params()  # refuses a student seed equal to the teacher's / ours
+        raw = os.environ.get("C2S_MINIWORLD_TRANSFER_NUM_VAL", "").strip()
+        try:
+            num_val = int(raw) if raw else 200
+        except ValueError:
+            raise ValueError(
+                f"environment variable C2S_MINIWORLD_TRANSFER_NUM_VAL must be an integer, "
+                f"got {raw!r}"
+            ) from None
+        ensure_transfer_world(data_root, num_val=num_val, size=student["size"])
+        return list_image_label_pairs(
+            os.path.join(data_root, "images", "val"),
+            os.path.join(data_root, "labels", "val"),
+            image_ext=IMAGE_EXT,
+            prepare_hint="generated by c2s_d2.data.miniworld_transfer.ensure_transfer_world",
+        )
+
+    return load
+
+
+def register_miniworld_transfer(root: Optional[str] = None) -> List[str]:
+    """Register ``c2s_miniworld_transfer_val`` (22 classes; the 6 new ones as its unseen ids)."""
+    if TRANSFER_DATASET in DatasetCatalog:
+        return []
+    parent = os.environ.get("DETECTRON2_DATASETS", "datasets")
+    shown_root = os.path.join(parent, TRANSFER_FOLDER) if root is None else root
+    register_zero_shot_sem_seg(
+        TRANSFER_DATASET,
+        load_records=_transfer_records_loader(root),
+        class_names=TRANSFER_WORLD_CLASSES,
+        unseen_ids=NEW_IDS,
+        split="eval",
+        image_root=os.path.join(shown_root, "images", "val"),
+        sem_seg_root=os.path.join(shown_root, "labels", "val"),
+        captions_file=os.path.join(shown_root, "captions_val.json"),
+    )
+    return [TRANSFER_DATASET]
+
+
 register_miniworld()
 register_miniworld_teacher_data()
+register_miniworld_transfer()
