@@ -134,3 +134,49 @@ def test_every_variant_trains_and_evaluates(tmp_path):
                             "transfer_c2s_full"}  # fmt: skip
     for s in summary.values():
         assert s["mIoU-seen"][2] == 1  # one seed each
+
+
+def _benchmark_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "benchmark_miniworld", os.path.join(ROOT, "tools", "benchmark_miniworld.py")
+    )
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_scheduler_never_holds_a_thread_for_a_waiting_evaluation():
+    """Tasks [train a, eval of a, train b] on 2 threads: b starts while a trains (a waits for b
+    to start: a scheduler that parks the second thread on the evaluation would time out)."""
+    import threading
+
+    bm = _benchmark_module()
+    b_started, order = threading.Event(), []
+
+    def work(task):
+        order.append(("start", task))
+        if task == "a":
+            assert b_started.wait(timeout=10), "b did not start while a ran"
+        if task == "b":
+            b_started.set()
+        order.append(("end", task))
+        return task.upper()
+
+    done = bm.run_scheduled(["a", "eval_a", "b"], {"eval_a": "a"}, work, 2, {})
+    assert done == {"a": "A", "eval_a": "EVAL_A", "b": "B"}
+    assert order.index(("start", "eval_a")) > order.index(("end", "a"))
+    # one thread: the list's order, an evaluation right after its source
+    order.clear()
+    b_started.set()
+    bm.run_scheduled(["a", "eval_a", "b"], {"eval_a": "a"}, work, 1, {})
+    assert [t for kind, t in order if kind == "start"] == ["a", "eval_a", "b"]
+
+    def failing(task):
+        if task == "a":
+            raise RuntimeError("train_net.py failed")
+        return task
+
+    with pytest.raises(RuntimeError, match="train_net.py failed"):
+        bm.run_scheduled(["a", "eval_a", "b"], {"eval_a": "a"}, failing, 2, {})

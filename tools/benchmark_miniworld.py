@@ -45,7 +45,6 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -365,6 +364,47 @@ def run_variant(
     metrics = dict(metrics, **(read_filter_stats(out) or {}))
     write_record(records, name, seed, key, metrics)
     return metrics, key
+
+
+def run_scheduled(tasks: List, deps: Dict, work, jobs: int, results: Dict) -> Dict:
+    """Run ``work(task)`` for every task on ``jobs`` threads and return ``results`` filled with
+    ``{task: work(task)}``. A free thread takes the first task, in the order of ``tasks``, whose
+    dependency (``deps[task]``, another task) has finished, so an evaluation never holds a
+    thread while its source trains. The first error stops the scheduling and is raised."""
+    pending, errors = list(tasks), []
+    cond = threading.Condition()
+
+    def worker() -> None:
+        while True:
+            with cond:
+                while True:
+                    if errors or not pending:
+                        return
+                    ready = [t for t in pending if t not in deps or deps[t] in results]
+                    if ready:
+                        task = ready[0]
+                        pending.remove(task)
+                        break
+                    cond.wait()
+            try:
+                out = work(task)
+            except BaseException as e:  # noqa: B902 (re-raised in the caller's thread)
+                with cond:
+                    errors.append(e)
+                    cond.notify_all()
+                return
+            with cond:
+                results[task] = out
+                cond.notify_all()
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(max(1, jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return results
 
 
 def build_teacher_cache(cache_dir: str, config: str, opts: List[str], threads: int) -> None:
@@ -694,9 +734,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             prepare=build_cache if name == "c2s_full_cached" else None,
         )  # fmt: skip
 
-    def evaluate(name: str, seed: int, source_future):
+    def evaluate(name: str, seed: int, source_result):
         config, extra, source, dataset = evals[name]
-        _, source_key = source_future.result()
+        _, source_key = source_result
         weights = os.path.join(args.output, source, f"seed{seed}", "model_final.pth")
         key = run_key(config, [*opts, *extra, "SEED", str(seed)], None, code)
         key["eval_source"] = key_digest(source_key)
@@ -713,15 +753,17 @@ def main(argv: Optional[List[str]] = None) -> int:
             records, source_key,
         )  # fmt: skip
 
-    futures = {}
-    with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-        for name, seed in tasks:
-            if name in evals:
-                source = futures[(evals[name][2], seed)]
-                futures[(name, seed)] = pool.submit(evaluate, name, seed, source)
-            else:
-                futures[(name, seed)] = pool.submit(train, name, seed)
-        results = {task: f.result()[0] for task, f in futures.items()}
+    deps = {(n, s): (evals[n][2], s) for n, s in tasks if n in evals}
+    done: Dict[tuple, tuple] = {}
+
+    def work(task):
+        name, seed = task
+        if name in evals:
+            return evaluate(name, seed, done[deps[task]])
+        return train(name, seed)
+
+    done = run_scheduled(tasks, deps, work, args.jobs, done)
+    results = {task: out[0] for task, out in done.items()}
     runs: Dict[str, Dict[int, Dict[str, float]]] = {
         n: {s: results[(n, s)] for s in seeds_of(n)} for n in labels
     }
