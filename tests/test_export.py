@@ -138,16 +138,19 @@ def test_onnx_matches_pytorch_on_two_vocabularies(weights_and_model, export_dir,
     graph = onnx.load(os.path.join(export_dir, "student.onnx"), load_external_data=False)
     ops = {n.op_type for n in graph.graph.node}
     assert graph.opset_import[0].version >= 17 and "Conv" in ops
+    assert "DepthToSpace" in ops  # the 3x3 convolutions by Winograd (c2s_d2.export.student)
     session = _ort(os.path.join(export_dir, "student.onnx"))
     classes_seen = set()
+    # the scenes at 128x128 and one crop at 100x75 (padded: sizes not multiples of 4 inside)
+    inputs = [*images, np.ascontiguousarray(images[0][:100, :75])]
     for vocab, (_, bank) in _vocabularies(model).items():
         model.test_bank = bank
         same, worst = [], 0.0
-        for image in images:
+        for image in inputs:
             want = _torch_scores(model, image)
             x = image.transpose(2, 0, 1)[None].astype(np.float32)
             got = session.run(None, {"image": x, "text_embeddings": bank.numpy()})[0]
-            assert got.shape == tuple(want.shape) == (bank.shape[0], 128, 128)
+            assert got.shape == tuple(want.shape) == (bank.shape[0], *image.shape[:2])
             worst = max(worst, float(np.abs(got - want.numpy()).max()))
             same.append(float((got.argmax(0) == want.argmax(0).numpy()).mean()))
             if vocab == "miniworld16":
@@ -155,6 +158,26 @@ def test_onnx_matches_pytorch_on_two_vocabularies(weights_and_model, export_dir,
         print(f"ONNX vs PyTorch, {vocab}: identical argmax {min(same):.5f}, max |diff| {worst:.2e}")
         assert min(same) >= 0.999 and worst <= 1e-3, (vocab, same, worst)
     assert len(classes_seen) >= 3, classes_seen  # the comparison is not trivial
+
+
+def test_winograd_conv3x3_matches_conv2d():
+    from c2s_d2.export.student import winograd_conv3x3
+
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(6, 5, 3, 3, generator=g)
+    bias = torch.randn(6, generator=g)
+    for (h, w), aligned in [
+        ((12, 20), True),
+        ((12, 20), False),
+        ((13, 22), False),
+        ((3, 5), False),
+    ]:
+        x = torch.randn(1, 5, h, w, generator=g)
+        for b in (bias, None):
+            want = torch.nn.functional.conv2d(x, weight, b, padding=1)
+            got = winograd_conv3x3(x, weight, b, aligned)
+            assert got.shape == want.shape
+            assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
 
 
 def test_torchscript_at_another_size_and_k(weights_and_model, export_dir, images):

@@ -15,8 +15,9 @@ random init, ViT-B/16 teacher with random weights, 512x512 input) or tiny (``--q
     and run by ONNX Runtime on the CPU with ``--threads`` intra-op threads, 1 inter-op thread and
     all graph optimisations, timed in the same round robin as the PyTorch models (the printed
     "ONNX Runtime / PyTorch C2S student" latency ratio); its parameters and GFLOPs are (b)'s
-    (the same computation), its largest score difference to (b) is reported. ``--no-onnx``
-    skips it.
+    (the same function; the exported graph computes it with fewer multiply-adds, e.g. Winograd
+    3x3 convolutions: see ``c2s_d2.export.student``), its largest score difference to (b) is
+    reported. ``--no-onnx`` skips it.
 
 For each: parameters used at inference (the teacher is built lazily and kept outside the module
 tree, so it is counted explicitly: student + teacher for (c), teacher only for (d)), GFLOPs by
@@ -234,7 +235,7 @@ def run(args: argparse.Namespace) -> Dict:
     for name, model in models.items():
         results[name]["gflops"] = gflops(model, (inputs,))
     if ort_student is not None:
-        results[ONNX]["gflops"] = results[REFERENCE]["gflops"]  # the same computation
+        results[ONNX]["gflops"] = results[REFERENCE]["gflops"]  # (b)'s: the same function
         results[ONNX]["max_abs_diff_vs_pytorch"] = ort_student.max_diff(models[REFERENCE], inputs)
     for name in calls:
         results[name]["latencies_s"] = latencies[name]
