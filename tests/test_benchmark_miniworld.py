@@ -68,6 +68,7 @@ def test_report_keys_transfer_cache_and_records(tmp_path):
     assert f"{d:+.1f}" in table
     # the transfer rows evaluate the baseline's and C2S's own weights on the transfer set
     assert "Transfer: the same models on the transfer mini-world" in table
+    assert "| seed | old | new | hIoU | mIoU |" in table  # the transfer set's paired table
     for name, source in (
         ("transfer_zs_baseline", "zs_baseline"),
         ("transfer_c2s_full", "c2s_full"),

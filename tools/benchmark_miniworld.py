@@ -488,8 +488,9 @@ def paired_differences(runs, pair=MAIN) -> Dict[int, Dict[str, float]]:
     return {s: {k: full[s][k] - base[s][k] for k in KEYS} for s in sorted(set(base) & set(full))}
 
 
-def _paired_table(diffs: Dict[int, Dict[str, float]], keys=KEYS) -> List[str]:
-    lines = ["| seed | " + " | ".join(keys) + " |", "|---|" + "---|" * len(keys)]
+def _paired_table(diffs: Dict[int, Dict[str, float]], keys=KEYS, headers=None) -> List[str]:
+    headers = headers or keys
+    lines = ["| seed | " + " | ".join(headers) + " |", "|---|" + "---|" * len(keys)]
     for sd, d in diffs.items():
         lines.append(f"| {sd} | " + " | ".join(f"{d[k]:+.1f}" for k in keys) + " |")
     mean = {k: statistics.fmean(d[k] for d in diffs.values()) for k in keys}
@@ -574,7 +575,7 @@ def markdown(summary, runs, labels, meta) -> str:
         tdiffs = paired_differences(runs, TRANSFER_PAIR)
         if tdiffs:
             lines += ["", "Full C2S minus the baseline on the transfer set, paired by seed:", ""]
-            lines += _paired_table(tdiffs)
+            lines += _paired_table(tdiffs, headers=("old", "new", "hIoU", "mIoU"))
     lines += ["", "![mini-world benchmark](benchmark_miniworld.png)", ""]
     return "\n".join(lines)
 
