@@ -47,6 +47,7 @@ from .miniworld import (
     _render_material,
     _write_json,
     _write_png,
+    caption_for,
     read_manifest,
 )
 
@@ -161,12 +162,6 @@ def render_transfer_scene(
     return _transfer_lighting(rgb, rng), label, present, layout
 
 
-def _caption(material_ids: List[int]) -> str:
-    names = [TRANSFER_WORLD_CLASSES[i] for i in material_ids]
-    listed = names[0] if len(names) == 1 else ", ".join(names[:-1]) + " and " + names[-1]
-    return f"a scene of {listed}"
-
-
 def ensure_transfer_world(
     root: Optional[str] = None, num_val: int = 200, size: int = 128, seed: int = TRANSFER_SEED
 ) -> Dict:
@@ -205,7 +200,7 @@ def ensure_transfer_world(
             image_id = f"{i:06d}"
             _write_png(os.path.join(dirs[0], image_id + IMAGE_EXT), image)
             _write_png(os.path.join(dirs[1], image_id + ".png"), label)
-            captions[image_id] = _caption(present)
+            captions[image_id] = caption_for(present, "teacher")  # same ids
             layouts[layout] = layouts.get(layout, 0) + 1
         _write_json(os.path.join(root, "captions_val.json"), captions)
         manifest = {
