@@ -102,6 +102,12 @@ def test_report_keys_transfer_cache_and_records(tmp_path):
     rec = _cmd(tmp_path, "--records", str(records), *subset)
     _run(rec, env)
     assert (records / "transfer_c2s_full" / "seed0.json").is_file()
+    base_rec = records / "zs_baseline" / "seed0.json"
+    machine = json.loads(base_rec.read_text())["machine"]
+    assert machine["cpu_capability"] not in ("", "unknown") and machine["torch"] != "unknown"
+    # where a run ran is kept, not matched: another machine's record is read back
+    other = dict(json.loads(base_rec.read_text()), machine={"cpu_capability": "AVX2"})
+    base_rec.write_text(json.dumps(other))
     before = json.loads(js.read_text())["runs"]
     for name in ("c2s_full", "transfer_c2s_full", "zs_baseline", "transfer_zs_baseline"):
         shutil.rmtree(tmp_path / "out" / name)

@@ -285,16 +285,58 @@ def read_record(records: Optional[str], name: str, seed: int, key: Dict) -> Opti
     return rec.get("metrics") if _matchable(rec.get("key") or {}) == _matchable(key) else None
 
 
-def write_record(records: Optional[str], name: str, seed: int, key: Dict, metrics: Dict) -> None:
+_MACHINE: Dict = {}
+
+
+def machine_info() -> Dict:
+    """Where a run ran: CPU model, torch's CPU kernel set and versions. Not part of a run key:
+    deterministic mode makes a run bit-identical on one machine, but another CPU (another
+    kernel set, e.g. AVX2 vs AVX-512) rounds differently and the same seed gives other
+    numbers, so a record says which machine produced it."""
+    if not _MACHINE:
+        cpu = "unknown"
+        try:
+            with open("/proc/cpuinfo") as f:
+                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")))
+        except (OSError, StopIteration):
+            pass
+        probe = (
+            "import torch, numpy; print(torch.__version__, torch.backends.cpu.get_cpu_capability(),"
+            " numpy.__version__)"
+        )
+        try:
+            out = subprocess.run(
+                [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+            ).stdout.split()
+        except (OSError, subprocess.SubprocessError):
+            out = []
+        torch_v, capability, numpy_v = (out + ["unknown"] * 3)[:3]
+        _MACHINE.update(
+            cpu=cpu,
+            cpu_capability=capability,
+            torch=torch_v,
+            numpy=numpy_v,
+            python=sys.version.split()[0],
+        )
+    return dict(_MACHINE)
+
+
+def write_record(
+    records: Optional[str], name: str, seed: int, key: Dict, metrics: Dict, seconds=None
+) -> None:
     """Keep a finished run's key and metrics (a few KiB, tracked in git): the benchmark resumes
-    on another machine from the records where the run folders (weights, logs) are gone."""
+    on another machine from the records where the run folders (weights, logs) are gone. The
+    record also says where and when the run ran (``machine``; not matched on read-back)."""
     if not records:
         return
     path = record_path(records, name, seed)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.tmp{os.getpid()}"
+    machine = dict(machine_info(), date=time.strftime("%Y-%m-%d"))
+    if seconds is not None:
+        machine["seconds"] = round(seconds)
     with open(tmp, "w") as f:
-        json.dump({"key": key, "metrics": metrics}, f, indent=1, sort_keys=True)
+        json.dump({"key": key, "metrics": metrics, "machine": machine}, f, indent=1, sort_keys=True)
     os.replace(tmp, path)
 
 
@@ -362,7 +404,7 @@ def run_variant(
         raise RuntimeError(f"{name} seed {seed}: no metrics written under {out}")
     print(f"  {name} seed {seed}: {time.time() - start:.0f} s  " + fmt_row(metrics), flush=True)
     metrics = dict(metrics, **(read_filter_stats(out) or {}))
-    write_record(records, name, seed, key, metrics)
+    write_record(records, name, seed, key, metrics, time.time() - start)
     return metrics, key
 
 
