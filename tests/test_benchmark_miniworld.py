@@ -114,6 +114,10 @@ def test_report_keys_transfer_cache_and_records(tmp_path):
     out = _run(rec, env)
     assert out.count(": recorded") == 4 and "weights needed" not in out, out
     assert json.loads(js.read_text())["runs"] == before
+    # from another output folder too: where the teacher-feature cache lies is not in a key
+    moved = [str(tmp_path / "out2") if a == str(tmp_path / "out") else a for a in rec]
+    out = _run(moved, env)
+    assert out.count(": recorded") == 5 and "teacher-feature cache: " not in out, out
     # a record of another code version is not read back: the run trains again
     path = records / "c2s_full" / "seed0.json"
     path.write_text(json.dumps(dict(json.loads(path.read_text()), key={"code": "old"})))

@@ -50,6 +50,7 @@ from typing import Dict, List, Optional, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs", "miniworld")
 STRICT = ["DATASETS.ZERO_SHOT_SETTING", "inductive_strict"]
+CACHE_OPT = "MODEL.C2S.DISTILL.TEACHER_CACHE"
 # name, config, label, extra overrides
 TRAINED = [
     ("zs_baseline", "zs_baseline_R18_bs8_1k.yaml", "zero-shot baseline (no distillation)", []),
@@ -73,7 +74,7 @@ TRAINED = [
         "c2s_full_cached",
         "c2s_full_R18_bs8_1k.yaml",
         "full C2S, teacher-feature cache",
-        ["MODEL.C2S.DISTILL.TEACHER_CACHE", "{cache}"],
+        [CACHE_OPT, "{cache}"],
     ),
 ]
 MAIN = ("zs_baseline", "c2s_full")  # the paired comparison: over --main-seeds
@@ -269,8 +270,17 @@ def record_path(records: str, name: str, seed: int) -> str:
 
 
 def _matchable(key: Dict) -> Dict:
-    """A key without the weights file's hash (a retrained source has the same run key)."""
-    return {k: v for k, v in key.items() if k != "eval_weights"}
+    """A key without the weights file's hash (a retrained source has the same run key) and
+    without where the teacher-feature cache lies (its content follows from the teacher, the
+    dataset and the config, which the key holds): a record matches from any output folder."""
+    out = {k: v for k, v in key.items() if k != "eval_weights"}
+    opts = list(out.get("opts") or [])
+    for i in range(len(opts) - 1):
+        if opts[i] == CACHE_OPT:
+            opts[i + 1] = "{cache}"
+    if "opts" in out:
+        out["opts"] = opts
+    return out
 
 
 def read_record(records: Optional[str], name: str, seed: int, key: Dict) -> Optional[Dict]:
