@@ -45,6 +45,7 @@ import subprocess
 import sys
 import threading
 import time
+from functools import lru_cache
 from typing import Dict, List, Optional, Tuple
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -295,40 +296,37 @@ def read_record(records: Optional[str], name: str, seed: int, key: Dict) -> Opti
     return rec.get("metrics") if _matchable(rec.get("key") or {}) == _matchable(key) else None
 
 
-_MACHINE: Dict = {}
-
-
+@lru_cache(maxsize=None)
 def machine_info() -> Dict:
     """Where a run ran: CPU model, torch's CPU kernel set and versions. Not part of a run key:
     deterministic mode makes a run bit-identical on one machine, but another CPU (another
     kernel set, e.g. AVX2 vs AVX-512) rounds differently and the same seed gives other
-    numbers, so a record says which machine produced it."""
-    if not _MACHINE:
-        cpu = "unknown"
-        try:
-            with open("/proc/cpuinfo") as f:
-                cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")))
-        except (OSError, StopIteration):
-            pass
-        probe = (
-            "import torch, numpy; print(torch.__version__, torch.backends.cpu.get_cpu_capability(),"
-            " numpy.__version__)"
-        )
-        try:
-            out = subprocess.run(
-                [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
-            ).stdout.split()
-        except (OSError, subprocess.SubprocessError):
-            out = []
-        torch_v, capability, numpy_v = (out + ["unknown"] * 3)[:3]
-        _MACHINE.update(
-            cpu=cpu,
-            cpu_capability=capability,
-            torch=torch_v,
-            numpy=numpy_v,
-            python=sys.version.split()[0],
-        )
-    return dict(_MACHINE)
+    numbers, so a record says which machine produced it. Probed once per process (cached;
+    callers copy before adding to it)."""
+    cpu = "unknown"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")))
+    except (OSError, StopIteration):
+        pass
+    probe = (
+        "import torch, numpy; print(torch.__version__, torch.backends.cpu.get_cpu_capability(),"
+        " numpy.__version__)"
+    )
+    try:
+        out = subprocess.run(
+            [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120
+        ).stdout.split()
+    except (OSError, subprocess.SubprocessError):
+        out = []
+    torch_v, capability, numpy_v = (out + ["unknown"] * 3)[:3]
+    return dict(
+        cpu=cpu,
+        cpu_capability=capability,
+        torch=torch_v,
+        numpy=numpy_v,
+        python=sys.version.split()[0],
+    )
 
 
 def write_record(
@@ -412,9 +410,10 @@ def run_variant(
     metrics = read_metrics(out, dataset)
     if metrics is None:
         raise RuntimeError(f"{name} seed {seed}: no metrics written under {out}")
-    print(f"  {name} seed {seed}: {time.time() - start:.0f} s  " + fmt_row(metrics), flush=True)
+    seconds = time.time() - start
+    print(f"  {name} seed {seed}: {seconds:.0f} s  " + fmt_row(metrics), flush=True)
     metrics = dict(metrics, **(read_filter_stats(out) or {}))
-    write_record(records, name, seed, key, metrics, time.time() - start)
+    write_record(records, name, seed, key, metrics, seconds)
     return metrics, key
 
 
